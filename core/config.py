@@ -1,0 +1,103 @@
+"""Every setting of memaudit, declared once: name, default, type, help.
+
+The CLI builds its flags from these declarations and the dashboard builds its
+sliders from them, so a default lives in exactly one place. Values the paper
+leaves open (the clique edge threshold, sampler settings) are settings with a
+documented default, never hidden constants. A workspace may override a default
+(``Workspace.set_setting``), for example after calibration against human labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    type: type
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    def check(self, value: Any) -> Any:
+        """Coerce ``value`` to this setting's type, raising ValueError naming the setting."""
+        try:
+            value = self.type(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.name} must be a {self.type.__name__}, got {value!r}") from None
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{self.name} must be one of {', '.join(self.choices)}, got {value!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"{self.name} must be >= {self.minimum}, got {value!r}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"{self.name} must be <= {self.maximum}, got {value!r}")
+        return value
+
+
+_SETTINGS = [
+    # --- the attack (PAPER.md, "The generate-and-filter attack") ---
+    Setting("edge_threshold", 0.1, float,
+            "tau: two generations of one prompt are linked when their tiled L2 is <= tau. "
+            "Not published by the paper; reimplementations use 0.05-0.15. Calibrate against labels.",
+            0.0, 1.0),
+    Setting("min_clique", 10, int,
+            "k: a prompt is flagged as memorised when its largest clique has at least this many members.",
+            2, None),
+    Setting("group_min_size", 3, int,
+            "After the largest clique, further disjoint clique groups are reported down to this size, "
+            "so a prompt that copies two training images shows both.", 2, None),
+    Setting("max_groups", 10, int, "At most this many clique groups are reported per prompt.", 1, None),
+    Setting("grid", 4, int,
+            "G: tiled L2 splits each image into a G x G grid of tiles and takes the maximum over tile "
+            "positions of the normalised L2. G must divide the working size.", 1, 64),
+    Setting("delta", 0.15, float,
+            "(l2, delta)-extraction: a candidate extracts a training image when their normalised L2 "
+            "is <= delta (the paper uses 0.15 at 512 x 512).", 0.0, 1.0),
+    Setting("neighbours", 10, int, "Nearest training images retrieved and measured exactly for each candidate.", 1, 1000),
+    Setting("embedder", "pixel", str,
+            "Retrieval embedder for the training index: 'pixel' (downsampled pixels; exact lower bound "
+            "of normalised L2) or 'clip' (open_clip image embeddings, cosine).",
+            choices=("pixel", "clip")),
+    Setting("relative_alpha", 0.5, float, "alpha of the relative L2 criterion (unconditional models).", 0.0, None),
+    Setting("relative_n", 50, int, "n: the relative L2 denominator averages over the n nearest training images.", 1, None),
+    Setting("working_size", 0, int,
+            "Distances are computed at a working resolution S x S: each image is centre-cropped to a "
+            "square on its short side and resized (area filter) to S. 0 means the most common "
+            "generation size in the workspace.", 0, 4096),
+    Setting("duplicate_threshold", 0.1, float,
+            "Two training images are near-duplicates when their normalised L2 at the pixel-embedding "
+            "resolution is <= this; the duplicate count k of an image is the size of its group.", 0.0, 1.0),
+    # --- the training index ---
+    Setting("pixel_size", 16, int,
+            "Side of the downsampled image used by the pixel embedder (3 x S x S values).", 4, 128),
+    Setting("index_exact_max", 50_000, int,
+            "Training sets up to this size use an exact faiss index; larger ones an IVF index "
+            "whose candidates are re-ranked exactly.", 1, None),
+    Setting("clip_model", "ViT-B-32", str, "open_clip architecture for the 'clip' embedder."),
+    Setting("clip_pretrained", "", str,
+            "open_clip weights: a local checkpoint file, or a pretrained tag (needs network once)."),
+    # --- generation ---
+    Setting("per_prompt", 500, int, "Images generated per prompt, each from its own seed.", 1, None),
+    Setting("steps", 50, int, "Sampling steps (the paper does not publish them).", 1, 1000),
+    Setting("guidance", 7.5, float, "Classifier-free guidance scale for text-to-image models.", 0.0, 100.0),
+    Setting("batch_size", 16, int, "Images per pipeline call.", 1, 4096),
+    Setting("seed", 0, int, "First seed: image j of every prompt uses seed + j.", 0, 2**63 - 1),
+    Setting("device", "auto", str, "cuda, mps, cpu, or auto (the first available of those).",
+            choices=("auto", "cuda", "mps", "cpu")),
+]
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in _SETTINGS}
+
+
+def default(name: str) -> Any:
+    return SETTINGS[name].default
+
+
+def check(name: str, value: Any) -> Any:
+    if name not in SETTINGS:
+        raise ValueError(f"unknown setting {name!r}; known: {', '.join(sorted(SETTINGS))}")
+    return SETTINGS[name].check(value)

@@ -1,0 +1,288 @@
+"""The workspace: one SQLite file (``audit.db``) plus image folders referenced by relative path.
+
+The database is the system of record. Connections are short-lived, in WAL mode
+with a busy timeout, so several processes (CLI runs, dashboard sessions, two
+reviewers) can share one workspace. The schema is built by numbered migrations
+recorded in the ``migrations`` table; opening a workspace written by a newer
+memaudit fails with a clear message instead of guessing.
+
+Layout::
+
+    WS/audit.db            the database
+    WS/generations/<prompt_id>/<seed>-<hash>.png
+    WS/training/<sha256[:2]>/<sha256>.<ext>   copies of ingested training files
+    WS/index/              faiss indexes and embeddings
+    WS/cache/              distance matrices (derived data; safe to delete)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import config
+from .errors import WorkspaceError
+
+DB_NAME = "audit.db"
+
+MIGRATIONS: list[tuple[str, str]] = [
+    ("initial schema", """
+CREATE TABLE settings(
+  name TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at TEXT NOT NULL);
+CREATE TABLE models(
+  id INTEGER PRIMARY KEY, ref TEXT NOT NULL, kind TEXT NOT NULL, pipeline_class TEXT NOT NULL,
+  weights_hash TEXT NOT NULL, scheduler TEXT NOT NULL, created_at TEXT NOT NULL,
+  UNIQUE(ref, weights_hash));
+CREATE TABLE prompts(
+  id INTEGER PRIMARY KEY, text TEXT NOT NULL UNIQUE);  -- '' stands for "no prompt" (unconditional)
+CREATE TABLE generations(
+  id INTEGER PRIMARY KEY,
+  prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+  model_id INTEGER REFERENCES models(id),
+  seed INTEGER,
+  path TEXT NOT NULL UNIQUE,
+  sha256 TEXT NOT NULL,
+  width INTEGER NOT NULL, height INTEGER NOT NULL,
+  steps INTEGER, guidance REAL, scheduler TEXT,
+  source TEXT NOT NULL CHECK (source IN ('generate', 'import')),
+  origin TEXT,                      -- imported: the original file, resolved
+  params TEXT NOT NULL DEFAULT '{}', -- full provenance as JSON
+  created_at TEXT NOT NULL);
+CREATE UNIQUE INDEX generations_resume_key
+  ON generations(model_id, prompt_id, seed, steps, guidance, width, height) WHERE source = 'generate';
+CREATE UNIQUE INDEX generations_import_key ON generations(origin) WHERE source = 'import';
+CREATE INDEX generations_prompt ON generations(prompt_id);
+CREATE TABLE training_images(
+  id INTEGER PRIMARY KEY,
+  path TEXT NOT NULL,
+  source_path TEXT NOT NULL UNIQUE,
+  caption TEXT,
+  sha256 TEXT NOT NULL,
+  width INTEGER NOT NULL, height INTEGER NOT NULL,
+  duplicate_count INTEGER NOT NULL DEFAULT 1,
+  duplicate_group INTEGER,
+  added_at TEXT NOT NULL);
+CREATE INDEX training_sha ON training_images(sha256);
+CREATE TABLE indexes(
+  embedder TEXT PRIMARY KEY, path TEXT NOT NULL, kind TEXT NOT NULL, dim INTEGER NOT NULL,
+  count INTEGER NOT NULL, max_training_id INTEGER NOT NULL, params TEXT NOT NULL, updated_at TEXT NOT NULL);
+CREATE TABLE audit_runs(
+  id INTEGER PRIMARY KEY, created_at TEXT NOT NULL, finished_at TEXT,
+  status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+  params TEXT NOT NULL);
+CREATE TABLE prompt_results(
+  run_id INTEGER NOT NULL REFERENCES audit_runs(id) ON DELETE CASCADE,
+  prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+  generations INTEGER NOT NULL, largest_clique INTEGER NOT NULL, flagged INTEGER NOT NULL,
+  mean_distance REAL,
+  PRIMARY KEY (run_id, prompt_id));
+CREATE TABLE candidates(
+  id INTEGER PRIMARY KEY,
+  run_id INTEGER NOT NULL REFERENCES audit_runs(id) ON DELETE CASCADE,
+  prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+  group_rank INTEGER NOT NULL,
+  clique_size INTEGER NOT NULL,
+  mean_distance REAL NOT NULL,
+  flagged INTEGER NOT NULL,
+  medoid_generation_id INTEGER NOT NULL REFERENCES generations(id),
+  nearest_training_id INTEGER REFERENCES training_images(id),
+  l2 REAL, tiled_l2 REAL, relative_l2 REAL,
+  extracted INTEGER NOT NULL,
+  score REAL NOT NULL);            -- rank key: lower is more suspicious
+CREATE INDEX candidates_run ON candidates(run_id, score);
+CREATE TABLE candidate_members(
+  candidate_id INTEGER NOT NULL REFERENCES candidates(id) ON DELETE CASCADE,
+  generation_id INTEGER NOT NULL REFERENCES generations(id),
+  PRIMARY KEY (candidate_id, generation_id));
+CREATE TABLE neighbours(
+  candidate_id INTEGER NOT NULL REFERENCES candidates(id) ON DELETE CASCADE,
+  rank INTEGER NOT NULL,
+  training_id INTEGER NOT NULL REFERENCES training_images(id),
+  l2 REAL NOT NULL, tiled_l2 REAL NOT NULL, similarity REAL NOT NULL, relative_l2 REAL,
+  PRIMARY KEY (candidate_id, rank));
+CREATE TABLE label_events(
+  id INTEGER PRIMARY KEY,
+  candidate_id INTEGER REFERENCES candidates(id) ON DELETE SET NULL,
+  generation_id INTEGER NOT NULL REFERENCES generations(id),
+  training_id INTEGER REFERENCES training_images(id),
+  reviewer TEXT NOT NULL,
+  label TEXT CHECK (label IS NULL OR label IN ('exact_copy', 'near_copy', 'not_memorized', 'unsure')),
+  note TEXT NOT NULL DEFAULT '',
+  created_at TEXT NOT NULL,
+  undoes INTEGER REFERENCES label_events(id),
+  token TEXT UNIQUE,               -- idempotency key: a retried write is stored once
+  CHECK ((label IS NULL) = (undoes IS NOT NULL)));
+CREATE INDEX label_events_pair ON label_events(generation_id, training_id, reviewer);
+"""),
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Workspace:
+    """A handle on a workspace directory. Cheap to create; opens connections on demand."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.db_path = self.root / DB_NAME
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def init(cls, root: str | Path) -> "Workspace":
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise WorkspaceError(f"{root} exists and is not a folder; choose another workspace path")
+        root.mkdir(parents=True, exist_ok=True)
+        ws = cls(root)
+        for sub in ("generations", "training", "index", "cache"):
+            (ws.root / sub).mkdir(exist_ok=True)
+        ws.migrate()
+        return ws
+
+    @classmethod
+    def open(cls, root: str | Path) -> "Workspace":
+        ws = cls(root)
+        if not ws.db_path.is_file():
+            raise WorkspaceError(f"{root} is not a memaudit workspace (no {DB_NAME}); create it with `memaudit init {root}`")
+        ws.migrate()
+        return ws
+
+    def migrate(self) -> None:
+        with self.connect() as con:
+            con.execute("CREATE TABLE IF NOT EXISTS migrations(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+            have = con.execute("SELECT COALESCE(MAX(version), 0) FROM migrations").fetchone()[0]
+            if have > SCHEMA_VERSION:
+                raise WorkspaceError(
+                    f"{self.root} was written by a newer memaudit (schema {have}, this one knows {SCHEMA_VERSION}); upgrade memaudit to open it")
+            for version in range(have + 1, SCHEMA_VERSION + 1):
+                name, sql = MIGRATIONS[version - 1]
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    # re-check inside the write lock: another process may have migrated meanwhile
+                    if con.execute("SELECT 1 FROM migrations WHERE version = ?", (version,)).fetchone():
+                        con.execute("ROLLBACK")
+                        continue
+                    for statement in _split_sql(sql):
+                        con.execute(statement)
+                    con.execute("INSERT INTO migrations(version, name, applied_at) VALUES (?, ?, ?)", (version, name, now()))
+                    con.execute("COMMIT")
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+
+    def schema_version(self) -> int:
+        with self.connect() as con:
+            return con.execute("SELECT COALESCE(MAX(version), 0) FROM migrations").fetchone()[0]
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        """A short-lived connection in autocommit mode; use ``transaction()`` for writes."""
+        try:
+            con = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+        except sqlite3.OperationalError as e:
+            raise WorkspaceError(f"cannot open {self.db_path}: {e}") from None
+        try:
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA busy_timeout = 30000")
+            con.execute("PRAGMA journal_mode = WAL")
+            con.execute("PRAGMA synchronous = NORMAL")
+            con.execute("PRAGMA foreign_keys = ON")
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction taken with BEGIN IMMEDIATE, retried while another writer holds the lock."""
+        with self.connect() as con:
+            delay = 0.05
+            for attempt in range(60):
+                try:
+                    con.execute("BEGIN IMMEDIATE")
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) and "busy" not in str(e):
+                        raise
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+            else:
+                raise WorkspaceError(f"{self.db_path} stayed locked by another writer; try again")
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    # ------------------------------------------------------------------ paths
+    def rel(self, path: str | Path) -> str:
+        return Path(path).resolve().relative_to(self.root).as_posix()
+
+    def resolve(self, relpath: str) -> Path:
+        """The absolute path of a workspace file; refuses anything that would lead outside the workspace."""
+        p = (self.root / relpath).resolve()
+        if p != self.root and self.root not in p.parents:
+            raise WorkspaceError(f"{relpath!r} points outside the workspace; refused")
+        return p
+
+    # ------------------------------------------------------------------ settings
+    def get_setting(self, name: str) -> Any:
+        spec = config.SETTINGS[name]
+        with self.connect() as con:
+            row = con.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+        return spec.default if row is None else spec.check(json.loads(row["value"]))
+
+    def set_setting(self, name: str, value: Any) -> None:
+        value = config.check(name, value)
+        with self.transaction() as con:
+            con.execute("INSERT INTO settings(name, value, updated_at) VALUES (?, ?, ?) "
+                        "ON CONFLICT(name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                        (name, json.dumps(value), now()))
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting with the workspace's override applied."""
+        with self.connect() as con:
+            rows = {r["name"]: json.loads(r["value"]) for r in con.execute("SELECT name, value FROM settings")}
+        return {name: (spec.check(rows[name]) if name in rows else spec.default) for name, spec in config.SETTINGS.items()}
+
+    # ------------------------------------------------------------------ prompts & models
+    def prompt_id(self, text: str | None, con: sqlite3.Connection | None = None) -> int:
+        text = text or ""
+        if con is None:
+            with self.transaction() as c:
+                return self.prompt_id(text, c)
+        con.execute("INSERT OR IGNORE INTO prompts(text) VALUES (?)", (text,))
+        return con.execute("SELECT id FROM prompts WHERE text = ?", (text,)).fetchone()["id"]
+
+    def model_id(self, ref: str, kind: str, pipeline_class: str, weights_hash: str, scheduler: str) -> int:
+        with self.transaction() as con:
+            con.execute("INSERT OR IGNORE INTO models(ref, kind, pipeline_class, weights_hash, scheduler, created_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?)", (ref, kind, pipeline_class, weights_hash, scheduler, now()))
+            return con.execute("SELECT id FROM models WHERE ref = ? AND weights_hash = ?", (ref, weights_hash)).fetchone()["id"]
+
+    # ------------------------------------------------------------------ counts
+    def counts(self) -> dict[str, int]:
+        with self.connect() as con:
+            q = lambda sql: con.execute(sql).fetchone()[0]  # noqa: E731
+            return {
+                "models": q("SELECT COUNT(*) FROM models"),
+                "prompts": q("SELECT COUNT(DISTINCT prompt_id) FROM generations"),
+                "generations": q("SELECT COUNT(*) FROM generations"),
+                "training_images": q("SELECT COUNT(*) FROM training_images"),
+                "audit_runs": q("SELECT COUNT(*) FROM audit_runs WHERE status = 'done'"),
+                "label_events": q("SELECT COUNT(*) FROM label_events"),
+            }
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements (no literal or comment in a migration contains ';')."""
+    return [stmt.strip() for stmt in script.split(";") if stmt.strip()]

@@ -1,0 +1,1 @@
+"""memaudit\x27s Streamlit dashboard: pages read widgets, call core, render."""
