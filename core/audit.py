@@ -1,0 +1,581 @@
+"""The audit: the paper's filter stage as one readable loop.
+
+For every prompt of the workspace::
+
+    decode its generations at the working resolution
+    D = pairwise tiled L2 between them                       (cached)
+    groups = clique groups of the graph D <= tau            (largest first)
+    for every generation: nearest training images by embedding, then exact
+        normalised and tiled L2 to each                      (cached)
+    for every group: the medoid's nearest training image; extracted when l2 <= delta
+    the largest clique's size and medoid at every tau of a grid (cached),
+        so that moving a threshold recounts without computing a distance
+
+Generations without a prompt (unconditional models) are judged one by one by
+relative L2 (PAPER.md): rel = l2(x_hat, x) / (alpha * mean over the n nearest
+training images y of l2(x_hat, y)); extracted when rel < 1.
+
+Results are stored as an audit run with its parameters, so runs with different
+thresholds can be compared. The per-run cache lives in WS/cache/run-<id>/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import config
+from .errors import InputError, MemauditError
+from .records import AuditParams, Candidate, Generation, TrainingImage
+from .store import Workspace, now
+
+# The tau grid on which the largest clique is precomputed for live re-thresholding.
+TAU_GRID = np.round(np.arange(0.0, 0.3 + 1e-9, 0.005), 4)
+
+Progress = Callable[[str, int, int], None]
+
+
+# ---------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class RunInfo:
+    id: int
+    created_at: str
+    finished_at: str | None
+    status: str
+    params: AuditParams
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    prompt_id: int
+    prompt: str | None
+    generations: int
+    largest_clique: int
+    flagged: bool
+    extracted: bool
+    mean_distance: float | None
+    best_l2: float | None  # the largest clique medoid's nearest training l2
+
+
+@dataclass(frozen=True)
+class Recount:
+    tau: float
+    k: int
+    delta: float
+    flagged: int
+    extracted: int
+    prompts: list[PromptRow]
+
+
+@dataclass(frozen=True)
+class NeighbourView:
+    training: TrainingImage
+    rank: int
+    l2: float
+    tiled_l2: float
+    similarity: float
+    relative_l2: float | None = None
+
+
+@dataclass(frozen=True)
+class GroupView:
+    members: list[Generation]
+    medoid: Generation
+    mean_distance: float
+    neighbours: list[NeighbourView] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+
+# ---------------------------------------------------------------------------- parameters
+def params_from(ws: Workspace, **overrides: object) -> AuditParams:
+    """The workspace's settings with ``overrides`` (None values ignored) applied and checked."""
+    s = ws.settings()
+    for name, value in overrides.items():
+        if value is not None:
+            s[name] = config.check(name, value)
+    fields = AuditParams.__dataclass_fields__
+    return AuditParams(**{name: s[name] for name in fields})
+
+
+def _working_size(ws: Workspace, requested: int) -> int:
+    if requested:
+        return requested
+    with ws.connect() as con:
+        rows = con.execute("SELECT MIN(width, height) AS s, COUNT(*) AS n FROM generations GROUP BY s ORDER BY n DESC, s DESC").fetchall()
+    if not rows:
+        raise InputError(f"{ws.root} has no generations to audit; run `memaudit generate` or `memaudit import-generations` first")
+    return int(rows[0]["s"])
+
+
+# ---------------------------------------------------------------------------- loading
+def _generation(row) -> Generation:
+    return Generation(id=row["id"], path=row["path"], prompt_id=row["prompt_id"], prompt=row["text"] or None,
+                      seed=row["seed"], model_id=row["model_id"], width=row["width"], height=row["height"],
+                      steps=row["steps"], guidance=row["guidance"], scheduler=row["scheduler"], source=row["source"])
+
+
+def _training(row) -> TrainingImage:
+    return TrainingImage(id=row["id"], path=row["path"], source_path=row["source_path"], caption=row["caption"],
+                         sha256=row["sha256"], width=row["width"], height=row["height"],
+                         duplicate_count=row["duplicate_count"], duplicate_group=row["duplicate_group"])
+
+
+_GEN_SQL = "SELECT g.*, p.text FROM generations g JOIN prompts p ON p.id = g.prompt_id"
+
+
+def generations_by_prompt(ws: Workspace) -> dict[int, list[Generation]]:
+    out: dict[int, list[Generation]] = {}
+    with ws.connect() as con:
+        for row in con.execute(_GEN_SQL + " ORDER BY g.prompt_id, g.seed, g.id"):
+            out.setdefault(row["prompt_id"], []).append(_generation(row))
+    return out
+
+
+def get_generations(ws: Workspace, ids: list[int]) -> dict[int, Generation]:
+    with ws.connect() as con:
+        rows = con.execute(_GEN_SQL + f" WHERE g.id IN ({','.join('?' * len(ids))})", ids).fetchall() if ids else []
+    return {r["id"]: _generation(r) for r in rows}
+
+
+def get_training(ws: Workspace, ids: list[int] | None = None) -> dict[int, TrainingImage]:
+    with ws.connect() as con:
+        if ids is None:
+            rows = con.execute("SELECT * FROM training_images ORDER BY id").fetchall()
+        else:
+            rows = con.execute(f"SELECT * FROM training_images WHERE id IN ({','.join('?' * len(ids))})", ids).fetchall() if ids else []
+    return {r["id"]: _training(r) for r in rows}
+
+
+def _decode(ws: Workspace, paths: list[str], size: int, workers: int = 4) -> np.ndarray:
+    """Decode images (PIL releases the GIL while decoding) into one (N, S, S, 3) float32 array."""
+    from .images import load_working
+
+    out = np.empty((len(paths), size, size, 3), dtype=np.float32)
+
+    def one(i: int) -> None:
+        out[i] = load_working(ws.resolve(paths[i]), size)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, range(len(paths))))
+    return out
+
+
+class _TrainingPixels:
+    """Training images at the working resolution, decoded once per audit."""
+
+    def __init__(self, ws: Workspace, size: int, rows: dict[int, TrainingImage]):
+        self.ws, self.size, self.rows = ws, size, rows
+        self._cache: dict[int, np.ndarray] = {}
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        missing = [int(i) for i in np.unique(ids) if int(i) not in self._cache]
+        if missing:
+            arr = _decode(self.ws, [self.rows[i].path for i in missing], self.size)
+            for i, a in zip(missing, arr):
+                self._cache[i] = a
+        return np.stack([self._cache[int(i)] for i in ids.reshape(-1)]).reshape(*ids.shape, self.size, self.size, 3)
+
+
+# ---------------------------------------------------------------------------- the run
+def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progress | None = None) -> int:
+    """Audit every prompt of the workspace; return the new run's id."""
+    from .cliques import clique_groups
+    from .distances import check_grid, pairwise_tiled_l2
+    from .embed import get_embedder
+    from .index import TrainingIndex
+
+    params = params or params_from(ws)
+    size = _working_size(ws, params.working_size)
+    check_grid(size, params.grid)
+    params = AuditParams(**{**params.to_dict(), "working_size": size})
+    by_prompt = generations_by_prompt(ws)
+    training = get_training(ws)
+    if not training:
+        raise InputError(f"{ws.root} has no training images; add them with `memaudit add-training {ws.root} DIR`")
+
+    settings = ws.settings()
+    embedder = get_embedder(params.embedder, settings)
+    index = TrainingIndex.open(ws, params.embedder)
+    pixels = _TrainingPixels(ws, size, training)
+    k_search = min(len(training), max(params.neighbours, params.relative_n))
+
+    with ws.transaction() as con:
+        run_id = con.execute("INSERT INTO audit_runs(created_at, status, params) VALUES (?, 'running', ?)",
+                             (now(), json.dumps(params.to_dict()))).lastrowid
+    cache = ws.root / "cache" / f"run-{run_id}"
+    cache.mkdir(parents=True, exist_ok=True)
+
+    try:
+        all_gen_ids: list[int] = []
+        nn_ids, nn_l2, nn_tiled, nn_sim, nn_rel = [], [], [], [], []
+        prompt_ids = sorted(by_prompt)
+        curve_size = np.zeros((len(prompt_ids), len(TAU_GRID)), dtype=np.int32)
+        curve_medoid = np.full((len(prompt_ids), len(TAU_GRID)), -1, dtype=np.int64)
+        curve_mean = np.zeros((len(prompt_ids), len(TAU_GRID)), dtype=np.float32)
+        results = []
+
+        for p_index, pid in enumerate(prompt_ids):
+            gens = by_prompt[pid]
+            if progress:
+                progress("audit", p_index, len(prompt_ids))
+            images = _decode(ws, [g.path for g in gens], size)
+            base = len(all_gen_ids)
+            all_gen_ids.extend(g.id for g in gens)
+
+            # nearest training images of every generation: retrieval, then exact distances
+            ids, sim = _retrieve(embedder, index, images, k_search)
+            l2, tiled = _exact_to_training(images, ids, pixels, params.grid)
+            order = np.argsort(l2, axis=1, kind="stable")
+            ids, sim = np.take_along_axis(ids, order, 1), np.take_along_axis(sim, order, 1)
+            l2, tiled = np.take_along_axis(l2, order, 1), np.take_along_axis(tiled, order, 1)
+            n_rel = min(params.relative_n, l2.shape[1])
+            rel = l2[:, 0] / np.maximum(params.relative_alpha * l2[:, :n_rel].mean(axis=1), 1e-12)
+            keep = min(params.neighbours, l2.shape[1])
+            nn_ids.append(ids[:, :keep]); nn_l2.append(l2[:, :keep]); nn_tiled.append(tiled[:, :keep])
+            nn_sim.append(sim[:, :keep]); nn_rel.append(rel)
+
+            if gens[0].prompt is None:
+                groups = []  # unconditional: judged per generation by relative L2 below
+            else:
+                dist = pairwise_tiled_l2(images, grid=params.grid).cpu().numpy().astype(np.float32)
+                np.fill_diagonal(dist, 0.0)
+                np.save(cache / f"prompt-{pid}.npy", dist)
+                groups = clique_groups(dist, params.edge_threshold, params.group_min_size, params.max_groups)
+                _fill_curve(dist, p_index, base, curve_size, curve_medoid, curve_mean)
+            results.append((pid, gens, groups, base, l2, tiled, rel, ids, sim))
+
+        gen_ids = np.asarray(all_gen_ids, dtype=np.int64)
+        empty_f = np.zeros((0, params.neighbours), np.float32)
+        np.save(cache / "gen_ids.npy", gen_ids)
+        np.save(cache / "nn_ids.npy", np.concatenate(nn_ids) if nn_ids else np.zeros((0, params.neighbours), np.int64))
+        np.save(cache / "nn_l2.npy", np.concatenate(nn_l2) if nn_l2 else empty_f)
+        np.save(cache / "nn_tiled.npy", np.concatenate(nn_tiled) if nn_tiled else empty_f)
+        np.save(cache / "nn_sim.npy", np.concatenate(nn_sim) if nn_sim else empty_f)
+        np.save(cache / "nn_rel.npy", np.concatenate(nn_rel) if nn_rel else np.zeros(0, np.float32))
+        np.savez(cache / "curves.npz", taus=TAU_GRID, prompt_ids=np.asarray(prompt_ids, np.int64),
+                 size=curve_size, medoid=curve_medoid, mean=curve_mean)
+
+        _store_results(ws, run_id, params, results)
+    except BaseException:
+        with ws.transaction() as con:
+            con.execute("DELETE FROM audit_runs WHERE id = ?", (run_id,))
+        shutil.rmtree(cache, ignore_errors=True)
+        raise
+    if progress:
+        progress("audit", len(prompt_ids), len(prompt_ids))
+    return run_id
+
+
+def _retrieve(embedder, index, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest training ids by embedding, with a similarity in [-1, 1] (cosine) or 1 - distance (pixel)."""
+    queries = embedder.embed(images)
+    ids, scores = index.search(queries, k)
+    sim = scores if embedder.metric == "cosine" else 1.0 - scores
+    return np.asarray(ids, np.int64), np.asarray(sim, np.float32)
+
+
+def _exact_to_training(images: np.ndarray, ids: np.ndarray, pixels: _TrainingPixels, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact normalised and tiled L2 between each generation and each of its retrieved training images."""
+    from .distances import paired_l2, paired_tiled_l2
+
+    n, k = ids.shape
+    train = pixels.get(ids).reshape(n * k, *images.shape[1:])
+    gens = np.repeat(images, k, axis=0)
+    l2 = np.asarray(paired_l2(gens, train), dtype=np.float32).reshape(n, k)
+    tiled = np.asarray(paired_tiled_l2(gens, train, grid), dtype=np.float32).reshape(n, k)
+    return l2, tiled
+
+
+def _fill_curve(dist: np.ndarray, p: int, base: int, size: np.ndarray, medoid: np.ndarray, mean: np.ndarray) -> None:
+    """Largest clique size, its medoid (global row) and mean distance at every tau of TAU_GRID.
+
+    The largest clique size is a step function of tau; between two taus where no
+    pairwise distance falls, the graph (and so the answer) does not change, so each
+    distinct graph is solved once.
+    """
+    from .cliques import clique_groups
+
+    upper = dist[np.triu_indices(len(dist), 1)]
+    last_edges = -1
+    answer = (1, 0, 0.0)
+    for t, tau in enumerate(TAU_GRID):
+        edges = int(np.count_nonzero(upper <= tau))
+        if edges != last_edges:
+            groups = clique_groups(dist, float(tau), 1, 1)
+            g = groups[0]
+            answer = (g.size, g.medoid, g.mean_distance)
+            last_edges = edges
+        size[p, t], medoid[p, t], mean[p, t] = answer[0], base + answer[1], answer[2]
+
+
+def _store_results(ws: Workspace, run_id: int, params: AuditParams, results: list) -> None:
+    with ws.transaction() as con:
+        for pid, gens, groups, base, l2, tiled, rel, ids, sim in results:
+            unconditional = gens[0].prompt is None
+            if unconditional:
+                largest = 1
+                order = np.argsort(rel, kind="stable")
+                chosen = [int(i) for i in order if rel[i] < 1.0]
+                chosen += [int(i) for i in order if rel[i] >= 1.0][: max(0, 100 - len(chosen))]
+                entries = [((i,), i, 0.0) for i in chosen]
+            else:
+                largest = groups[0].size if groups else 1
+                entries = [(g.members, g.medoid, g.mean_distance) for g in groups]
+            flagged_prompt = (not unconditional) and largest >= params.min_clique
+            best_mean = groups[0].mean_distance if (not unconditional and groups) else None
+            con.execute("INSERT INTO prompt_results(run_id, prompt_id, generations, largest_clique, flagged, mean_distance) "
+                        "VALUES (?, ?, ?, ?, ?, ?)", (run_id, pid, len(gens), largest, int(flagged_prompt), best_mean))
+            for rank, (members, med, mean_d) in enumerate(entries):
+                r = float(rel[med])
+                if unconditional:
+                    flagged, extracted = r < 1.0, r < 1.0
+                    score = (0.0 if extracted else 1.0) + min(r / (1.0 + r), 0.999999)
+                else:
+                    flagged = len(members) >= params.min_clique
+                    extracted = bool(l2[med, 0] <= params.delta)
+                    score = (0.0 if flagged else 1.0) + min(float(mean_d), 0.999999)
+                cid = con.execute(
+                    "INSERT INTO candidates(run_id, prompt_id, group_rank, clique_size, mean_distance, flagged, "
+                    "medoid_generation_id, nearest_training_id, l2, tiled_l2, relative_l2, extracted, score) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run_id, pid, rank, len(members), float(mean_d), int(flagged), gens[med].id, int(ids[med, 0]),
+                     float(l2[med, 0]), float(tiled[med, 0]), r if unconditional else None, int(extracted), score)).lastrowid
+                con.executemany("INSERT INTO candidate_members(candidate_id, generation_id) VALUES (?, ?)",
+                                [(cid, gens[m].id) for m in members])
+                con.executemany(
+                    "INSERT INTO neighbours(candidate_id, rank, training_id, l2, tiled_l2, similarity, relative_l2) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(cid, j, int(ids[med, j]), float(l2[med, j]), float(tiled[med, j]), float(sim[med, j]),
+                      r if (unconditional and j == 0) else None) for j in range(min(params.neighbours, ids.shape[1]))])
+        con.execute("UPDATE audit_runs SET status = 'done', finished_at = ? WHERE id = ?", (now(), run_id))
+
+
+# ---------------------------------------------------------------------------- reading runs
+def list_runs(ws: Workspace) -> list[RunInfo]:
+    with ws.connect() as con:
+        rows = con.execute("SELECT * FROM audit_runs WHERE status = 'done' ORDER BY id").fetchall()
+    return [RunInfo(r["id"], r["created_at"], r["finished_at"], r["status"], AuditParams(**json.loads(r["params"]))) for r in rows]
+
+
+def latest_run(ws: Workspace) -> int | None:
+    with ws.connect() as con:
+        row = con.execute("SELECT MAX(id) FROM audit_runs WHERE status = 'done'").fetchone()
+    return row[0]
+
+
+def run_params(ws: Workspace, run_id: int) -> AuditParams:
+    with ws.connect() as con:
+        row = con.execute("SELECT params FROM audit_runs WHERE id = ? AND status = 'done'", (run_id,)).fetchone()
+    if row is None:
+        raise InputError(f"no finished audit run {run_id} in {ws.root}; run `memaudit audit {ws.root}`")
+    return AuditParams(**json.loads(row["params"]))
+
+
+def _require_run(ws: Workspace, run_id: int | None) -> int:
+    run_id = run_id if run_id is not None else latest_run(ws)
+    if run_id is None:
+        raise InputError(f"{ws.root} has no audit run yet; run `memaudit audit {ws.root}`")
+    run_params(ws, run_id)
+    return run_id
+
+
+_CAND_SQL = """SELECT c.*, p.text AS prompt_text, g.path AS medoid_path, t.path AS training_path
+FROM candidates c JOIN prompts p ON p.id = c.prompt_id JOIN generations g ON g.id = c.medoid_generation_id
+LEFT JOIN training_images t ON t.id = c.nearest_training_id"""
+
+
+def _candidate(row, members: tuple[int, ...] = ()) -> Candidate:
+    return Candidate(id=row["id"], run_id=row["run_id"], prompt=row["prompt_text"] or None, prompt_id=row["prompt_id"],
+                     group_rank=row["group_rank"], clique_size=row["clique_size"], mean_distance=row["mean_distance"],
+                     flagged=bool(row["flagged"]), medoid_generation_id=row["medoid_generation_id"], medoid_path=row["medoid_path"],
+                     nearest_training_id=row["nearest_training_id"], nearest_training_path=row["training_path"],
+                     l2=row["l2"], tiled_l2=row["tiled_l2"], relative_l2=row["relative_l2"], extracted=bool(row["extracted"]),
+                     members=members)
+
+
+def candidates(ws: Workspace, run_id: int | None = None, *, flagged_only: bool = False, extracted_only: bool = False,
+               with_members: bool = False) -> list[Candidate]:
+    """The run's candidates, most suspicious first (flagged before unflagged, then by mean clique distance)."""
+    run_id = _require_run(ws, run_id)
+    sql = _CAND_SQL + " WHERE c.run_id = ?"
+    if flagged_only:
+        sql += " AND c.flagged = 1"
+    if extracted_only:
+        sql += " AND c.extracted = 1"
+    sql += " ORDER BY c.score, c.id"
+    with ws.connect() as con:
+        rows = con.execute(sql, (run_id,)).fetchall()
+        members: dict[int, list[int]] = {}
+        if with_members:
+            for m in con.execute("SELECT m.candidate_id, m.generation_id FROM candidate_members m JOIN candidates c "
+                                 "ON c.id = m.candidate_id WHERE c.run_id = ? ORDER BY m.generation_id", (run_id,)):
+                members.setdefault(m[0], []).append(m[1])
+    return [_candidate(r, tuple(members.get(r["id"], ()))) for r in rows]
+
+
+def get_candidate(ws: Workspace, candidate_id: int) -> Candidate:
+    with ws.connect() as con:
+        row = con.execute(_CAND_SQL + " WHERE c.id = ?", (candidate_id,)).fetchone()
+        if row is None:
+            raise InputError(f"no candidate {candidate_id} in {ws.root}; `memaudit export {ws.root} --format csv` lists them")
+        members = tuple(r[0] for r in con.execute("SELECT generation_id FROM candidate_members WHERE candidate_id = ? ORDER BY generation_id", (candidate_id,)))
+    return _candidate(row, members)
+
+
+def neighbours(ws: Workspace, candidate_id: int) -> list[NeighbourView]:
+    with ws.connect() as con:
+        rows = con.execute("SELECT * FROM neighbours WHERE candidate_id = ? ORDER BY rank", (candidate_id,)).fetchall()
+    train = get_training(ws, [r["training_id"] for r in rows])
+    return [NeighbourView(train[r["training_id"]], r["rank"], r["l2"], r["tiled_l2"], r["similarity"], r["relative_l2"]) for r in rows]
+
+
+def prompt_results(ws: Workspace, run_id: int | None = None) -> list[PromptRow]:
+    """Per-prompt results of a run at the run's own thresholds."""
+    run_id = _require_run(ws, run_id)
+    with ws.connect() as con:
+        rows = con.execute(
+            "SELECT r.*, p.text, (SELECT MAX(c.extracted) FROM candidates c WHERE c.run_id = r.run_id AND c.prompt_id = r.prompt_id) AS ext, "
+            "(SELECT c.l2 FROM candidates c WHERE c.run_id = r.run_id AND c.prompt_id = r.prompt_id AND c.group_rank = 0) AS best "
+            "FROM prompt_results r JOIN prompts p ON p.id = r.prompt_id WHERE r.run_id = ? ORDER BY r.flagged DESC, r.largest_clique DESC, r.mean_distance",
+            (run_id,)).fetchall()
+    return [PromptRow(r["prompt_id"], r["text"] or None, r["generations"], r["largest_clique"], bool(r["flagged"]),
+                      bool(r["ext"]), r["mean_distance"], r["best"]) for r in rows]
+
+
+# ---------------------------------------------------------------------------- live re-thresholding
+class RunCache:
+    """The arrays a run left in WS/cache/run-<id>/, loaded once (the dashboard keeps one per run)."""
+
+    def __init__(self, ws: Workspace, run_id: int):
+        self.ws, self.run_id = ws, run_id
+        self.params = run_params(ws, run_id)
+        d = ws.root / "cache" / f"run-{run_id}"
+        if not (d / "curves.npz").is_file():
+            raise MemauditError(f"the cache of audit run {run_id} is missing (WS/cache is derived data); run `memaudit audit {ws.root}` again")
+        self.dir = d
+        self.gen_ids = np.load(d / "gen_ids.npy")
+        self.row_of = {int(g): i for i, g in enumerate(self.gen_ids)}
+        self.nn_ids = np.load(d / "nn_ids.npy")
+        self.nn_l2 = np.load(d / "nn_l2.npy")
+        self.nn_tiled = np.load(d / "nn_tiled.npy")
+        self.nn_sim = np.load(d / "nn_sim.npy")
+        self.nn_rel = np.load(d / "nn_rel.npy")
+        c = np.load(d / "curves.npz")
+        self.taus, self.prompt_ids = c["taus"], c["prompt_ids"]
+        self.size, self.medoid, self.mean = c["size"], c["medoid"], c["mean"]
+        with ws.connect() as con:
+            rows = con.execute("SELECT p.id, p.text, COUNT(g.id) AS n FROM prompts p JOIN generations g ON g.prompt_id = p.id GROUP BY p.id").fetchall()
+        self.prompt_text = {r["id"]: (r["text"] or None) for r in rows}
+        self.prompt_count = {r["id"]: r["n"] for r in rows}
+        self.best_l2 = np.where(self.medoid >= 0, self.nn_l2[np.maximum(self.medoid, 0), 0] if len(self.nn_l2) else np.inf, np.inf)
+
+    def tau_index(self, tau: float) -> int:
+        return int(np.argmin(np.abs(self.taus - tau)))
+
+    def distances(self, prompt_id: int) -> np.ndarray:
+        path = self.dir / f"prompt-{prompt_id}.npy"
+        if not path.is_file():
+            raise MemauditError(f"prompt {prompt_id} has no cached distances in audit run {self.run_id}")
+        return np.load(path)
+
+    def recount(self, tau: float, k: int, delta: float) -> Recount:
+        t = self.tau_index(tau)
+        size, best = self.size[:, t], self.best_l2[:, t]
+        flagged = size >= k
+        extracted = flagged & (best <= delta)
+        rows = []
+        for i, pid in enumerate(self.prompt_ids):
+            pid = int(pid)
+            text = self.prompt_text.get(pid)
+            if text is None:  # unconditional prompt: relative-L2 verdicts are per generation
+                continue
+            rows.append(PromptRow(pid, text, self.prompt_count.get(pid, 0), int(size[i]), bool(flagged[i]), bool(extracted[i]),
+                                  float(self.mean[i, t]), float(best[i]) if np.isfinite(best[i]) else None))
+        rows.sort(key=lambda r: (not r.flagged, -r.largest_clique, r.mean_distance or 0.0))
+        return Recount(float(self.taus[t]), k, delta, int(flagged.sum()), int(extracted.sum()), rows)
+
+
+def recount(ws: Workspace, run_id: int | None = None, *, tau: float, k: int, delta: float, cache: RunCache | None = None) -> Recount:
+    """Flagged prompts and extractions at new thresholds, from the run's cache (tau snaps to TAU_GRID)."""
+    cache = cache or RunCache(ws, _require_run(ws, run_id))
+    return cache.recount(tau, k, delta)
+
+
+def prompt_groups(ws: Workspace, run_id: int | None, prompt_id: int, *, tau: float, min_size: int, max_groups: int,
+                  cache: RunCache | None = None) -> list[GroupView]:
+    """The clique groups of one prompt at any tau, each with its medoid's nearest training images."""
+    from .cliques import clique_groups
+
+    cache = cache or RunCache(ws, _require_run(ws, run_id))
+    dist = cache.distances(prompt_id)
+    with ws.connect() as con:
+        ids = [r[0] for r in con.execute("SELECT id FROM generations WHERE prompt_id = ? ORDER BY seed, id", (prompt_id,))]
+    gens = get_generations(ws, ids)
+    order = [gens[i] for i in ids]
+    if len(order) != len(dist):
+        raise MemauditError(f"prompt {prompt_id} has changed since audit run {cache.run_id}; audit again")
+    groups = clique_groups(dist, tau, min_size, max_groups)
+    train_ids = sorted({int(t) for g in groups for t in cache.nn_ids[cache.row_of[order[g.medoid].id]]})
+    train = get_training(ws, train_ids)
+    views = []
+    for g in groups:
+        medoid = order[g.medoid]
+        row = cache.row_of[medoid.id]
+        nbrs = [NeighbourView(train[int(cache.nn_ids[row, j])], j, float(cache.nn_l2[row, j]), float(cache.nn_tiled[row, j]),
+                              float(cache.nn_sim[row, j])) for j in range(cache.nn_ids.shape[1])]
+        views.append(GroupView([order[m] for m in g.members], medoid, g.mean_distance, nbrs))
+    return views
+
+
+def duplicate_extraction_table(ws: Workspace, run_id: int | None = None) -> list[dict]:
+    """The paper's Figure 5 as rows: per training duplicate count, prompts flagged and extracted.
+
+    A prompt is attributed to the duplicate count of the training image nearest to its
+    largest clique's medoid.
+    """
+    run_id = _require_run(ws, run_id)
+    with ws.connect() as con:
+        rows = con.execute(
+            "SELECT t.duplicate_count AS k, COUNT(*) AS prompts, SUM(r.flagged) AS flagged, SUM(c.extracted) AS extracted "
+            "FROM prompt_results r JOIN candidates c ON c.run_id = r.run_id AND c.prompt_id = r.prompt_id AND c.group_rank = 0 "
+            "JOIN training_images t ON t.id = c.nearest_training_id JOIN prompts p ON p.id = r.prompt_id "
+            "WHERE r.run_id = ? AND p.text != '' GROUP BY t.duplicate_count ORDER BY t.duplicate_count", (run_id,)).fetchall()
+    return [dict(r) for r in rows]
+
+
+def caption_duplicate_table(ws: Workspace, run_id: int | None = None) -> list[dict]:
+    """Figure 5 keyed by the prompt's own training caption: for prompts that are training captions,
+    the duplicate count of the captioned image against whether the prompt was flagged / extracted."""
+    run_id = _require_run(ws, run_id)
+    with ws.connect() as con:
+        rows = con.execute(
+            "SELECT MAX(t.duplicate_count) AS k, r.prompt_id, r.flagged, "
+            "(SELECT MAX(c.extracted) FROM candidates c WHERE c.run_id = r.run_id AND c.prompt_id = r.prompt_id) AS extracted "
+            "FROM prompt_results r JOIN prompts p ON p.id = r.prompt_id JOIN training_images t ON t.caption = p.text "
+            "WHERE r.run_id = ? GROUP BY r.prompt_id", (run_id,)).fetchall()
+    table: dict[int, dict] = {}
+    for r in rows:
+        e = table.setdefault(r["k"], {"k": r["k"], "prompts": 0, "flagged": 0, "extracted": 0})
+        e["prompts"] += 1
+        e["flagged"] += int(r["flagged"])
+        e["extracted"] += int(r["extracted"] or 0)
+    return [table[k] for k in sorted(table)]
+
+
+def count_summary(ws: Workspace, run_id: int | None = None) -> dict:
+    run_id = _require_run(ws, run_id)
+    with ws.connect() as con:
+        r = con.execute("SELECT COUNT(*) AS prompts, SUM(flagged) AS flagged FROM prompt_results WHERE run_id = ?", (run_id,)).fetchone()
+        c = con.execute("SELECT COUNT(*) AS candidates, SUM(extracted) AS extracted, COUNT(DISTINCT CASE WHEN extracted = 1 THEN nearest_training_id END) AS images "
+                        "FROM candidates WHERE run_id = ?", (run_id,)).fetchone()
+    return {"run_id": run_id, "prompts": r["prompts"], "flagged_prompts": r["flagged"] or 0, "candidates": c["candidates"],
+            "extracted_candidates": c["extracted"] or 0, "extracted_training_images": c["images"] or 0}
+

@@ -1,0 +1,327 @@
+"""The `memaudit` command: a map of subcommand -> function, each calling the same core
+functions the dashboard calls. Errors a user can cause print one line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__, config
+from .errors import MemauditError
+
+DEFAULT_DEMO_WS = "demo-workspace"
+
+
+# ---------------------------------------------------------------------------- helpers
+def _setting_flag(p: argparse.ArgumentParser, name: str, flag: str | None = None) -> None:
+    spec = config.SETTINGS[name]
+    kwargs: dict[str, Any] = {"dest": name, "default": None, "help": f"{spec.help} (default: {spec.default!r})"}
+    if spec.choices:
+        kwargs["choices"] = spec.choices
+    else:
+        kwargs["type"] = spec.type
+        kwargs["metavar"] = spec.type.__name__.upper()
+    p.add_argument(flag or "--" + name.replace("_", "-"), **kwargs)
+
+
+def _emit(args: argparse.Namespace, summary: str, data: dict[str, Any]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(summary)
+
+
+def _progress_printer(enabled: bool) -> Callable[[str, int, int], None] | None:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="prompt", leave=False, file=sys.stderr)
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return progress
+
+
+def _ws(path: str):
+    from .store import Workspace
+
+    return Workspace.open(path)
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_init(args: argparse.Namespace) -> None:
+    from .store import Workspace
+
+    ws = Workspace.init(args.workspace)
+    _emit(args, f"workspace ready at {ws.root}", {"workspace": str(ws.root), "schema_version": ws.schema_version()})
+
+
+def cmd_add_training(args: argparse.Namespace) -> None:
+    from .training import add_training
+
+    ws = _ws(args.workspace)
+    report = add_training(ws, args.folder, captions=args.captions)
+    skipped = [{"path": str(p), "reason": r} for p, r in report.skipped]
+    lines = [f"added {report.added} training images from {args.folder}"]
+    if skipped:
+        lines.append(f"skipped {len(skipped)}:")
+        lines += [f"  {s['reason']}" for s in skipped]
+    _emit(args, "\n".join(lines), {"added": report.added, "skipped": skipped, "total": ws.counts()["training_images"]})
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .generate import generate, read_prompts
+
+    ws = _ws(args.workspace)
+    s = ws.settings()
+    opt = lambda name: s[name] if getattr(args, name) is None else config.check(name, getattr(args, name))  # noqa: E731
+    prompts = read_prompts(args.prompts) if args.prompts else [""]
+    report = generate(ws, args.model, prompts, opt("per_prompt"), steps=opt("steps"), guidance=opt("guidance"),
+                      batch_size=opt("batch_size"), seed=opt("seed"), device=opt("device"))
+    data = {k: getattr(report, k) for k in report.__dataclass_fields__}
+    _emit(args, f"generated {report.generated} images for {len(prompts)} prompts "
+                f"({report.skipped_existing} already in the workspace) in {report.seconds:.1f} s", data)
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from .importer import import_generations
+
+    ws = _ws(args.workspace)
+    report = import_generations(ws, args.manifest)
+    skipped = [{"path": str(p), "reason": r} for p, r in report.skipped]
+    lines = [f"imported {report.imported} generations from {args.manifest}"]
+    if skipped:
+        lines.append(f"skipped {len(skipped)}:")
+        lines += [f"  {s['path']}: {s['reason']}" for s in skipped]
+    _emit(args, "\n".join(lines), {"imported": report.imported, "skipped": skipped})
+
+
+AUDIT_SETTINGS = ("edge_threshold", "min_clique", "group_min_size", "max_groups", "grid", "delta", "neighbours", "embedder",
+                  "relative_alpha", "relative_n", "working_size")
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from .audit import count_summary, params_from, run_audit
+
+    ws = _ws(args.workspace)
+    params = params_from(ws, **{name: getattr(args, name) for name in AUDIT_SETTINGS})
+    run_id = run_audit(ws, params, progress=_progress_printer(not args.json))
+    summary = count_summary(ws, run_id)
+    _emit(args, (f"audit run {run_id}: {summary['prompts']} prompts, {summary['flagged_prompts']} flagged "
+                 f"(largest clique >= {params.min_clique} at tau {params.edge_threshold}), "
+                 f"{summary['extracted_candidates']} candidates extracted (l2 <= {params.delta}) covering "
+                 f"{summary['extracted_training_images']} training images"),
+          {**summary, "parameters": params.to_dict()})
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_csv, export_json, write_export
+
+    ws = _ws(args.workspace)
+    if args.out == "-":
+        sys.stdout.write(json.dumps(export_json(ws, args.run), indent=2) + "\n" if args.format == "json" else export_csv(ws, args.run))
+        return
+    out = write_export(ws, args.format, args.out, args.run)
+    _emit(args, f"wrote {args.format.upper()} export to {out}", {"out": str(out), "format": args.format})
+
+
+def cmd_label(args: argparse.Namespace) -> None:
+    from .labels import add_label
+
+    ws = _ws(args.workspace)
+    event = add_label(ws, args.candidate_id, args.label, args.reviewer, args.note or "")
+    _emit(args, f"label event {event}: candidate {args.candidate_id} = {args.label} by {args.reviewer}",
+          {"event_id": event, "candidate_id": args.candidate_id, "label": args.label, "reviewer": args.reviewer})
+
+
+def cmd_undo(args: argparse.Namespace) -> None:
+    from .labels import undo_last
+
+    ws = _ws(args.workspace)
+    event = undo_last(ws, args.reviewer)
+    _emit(args, "nothing to undo" if event is None else f"undo event {event} by {args.reviewer}", {"event_id": event})
+
+
+def cmd_duplicates(args: argparse.Namespace) -> None:
+    from .training import top_duplicated, write_prompts_file
+
+    ws = _ws(args.workspace)
+    rows = top_duplicated(ws, args.top)
+    data = {"groups": [{"caption": c, "count": n, "training_id": t} for c, n, t in rows]}
+    lines = [f"{n:6d}  {c}" for c, n, _ in rows]
+    if args.out:
+        written = write_prompts_file(ws, args.top, args.out)
+        data["written"] = written
+        lines.append(f"wrote {written} captions to {args.out}")
+    _emit(args, "\n".join(lines) if lines else "no training images", data)
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    from .audit import count_summary, list_runs
+
+    ws = _ws(args.workspace)
+    runs = [{"id": r.id, "created_at": r.created_at, "parameters": r.params.to_dict(), **count_summary(ws, r.id)} for r in list_runs(ws)]
+    lines = [f"run {r['id']}  {r['created_at']}  tau={r['parameters']['edge_threshold']} k={r['parameters']['min_clique']} "
+             f"delta={r['parameters']['delta']}  flagged={r['flagged_prompts']}  extracted={r['extracted_candidates']}" for r in runs]
+    _emit(args, "\n".join(lines) or "no audit runs yet", {"runs": runs})
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    ws = _ws(args.workspace)
+    counts = ws.counts()
+    _emit(args, "\n".join(f"{k:16s} {v}" for k, v in counts.items()), {"workspace": str(ws.root), **counts})
+
+
+def cmd_settings(args: argparse.Namespace) -> None:
+    ws = _ws(args.workspace)
+    if args.name is not None:
+        if args.value is None:
+            raise MemauditError("give a value to set, e.g. `memaudit settings WS edge_threshold 0.08`")
+        if args.name not in config.SETTINGS:
+            raise MemauditError(f"unknown setting {args.name!r}; `memaudit settings WS` lists them")
+        ws.set_setting(args.name, args.value)
+    values = ws.settings()
+    _emit(args, "\n".join(f"{k:20s} {v!r}" for k, v in values.items()), values)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    from dashboard.launch import launch
+
+    _ws(args.workspace)
+    raise SystemExit(launch(args.workspace, port=args.port, host=args.host))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from . import demo
+
+    if args.workspace == "train":
+        report = demo.train_demo_model(steps=args.train_steps, seed=args.seed)
+        _emit(args, f"trained the demo model: {report}", {"report": str(report)})
+        return
+    result = demo.build_demo(args.workspace, progress=True)
+    lines = [result.summary, "", f"open the dashboard:  memaudit dashboard {args.workspace}"]
+    _emit(args, "\n".join(lines), result.as_dict())
+    if args.open:
+        from dashboard.launch import launch
+
+        raise SystemExit(launch(args.workspace, port=args.port, host="127.0.0.1"))
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memaudit",
+        description="Audit an image diffusion model for memorised training data: generate many images per prompt, "
+                    "find prompts whose generations collapse into cliques of near-identical images, and check them "
+                    "against the training set (Carlini et al. 2023).")
+    parser.add_argument("--version", action="version", version=f"memaudit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a summary")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("init", cmd_init, "Create an empty workspace (a folder with audit.db).")
+    p.add_argument("workspace", help="workspace folder to create")
+
+    p = add("add-training", cmd_add_training, "Ingest a folder of training images (recursive; png/jpg/webp), index them and count near-duplicates.")
+    p.add_argument("workspace")
+    p.add_argument("folder", help="folder of training images")
+    p.add_argument("--captions", help="CSV (file,caption) or JSONL captions file")
+
+    p = add("generate", cmd_generate, "Generate images with a diffusers pipeline, one seed per image; resumable.")
+    p.add_argument("workspace")
+    p.add_argument("--model", required=True, help="local diffusers directory, or a hub id (needs network)")
+    p.add_argument("--prompts", help="text file with one prompt per line (omit for unconditional models)")
+    for name, flag in (("per_prompt", "--per-prompt"), ("steps", None), ("guidance", None), ("batch_size", "--batch-size"),
+                       ("seed", None), ("device", None)):
+        _setting_flag(p, name, flag)
+
+    p = add("import-generations", cmd_import, "Import generations made elsewhere from a manifest (CSV or JSONL: path,prompt[,seed]; paths relative to the manifest).")
+    p.add_argument("workspace")
+    p.add_argument("manifest")
+
+    p = add("audit", cmd_audit, "Find clique groups per prompt, verify them against the training set, store an audit run.")
+    p.add_argument("workspace")
+    for name in AUDIT_SETTINGS:
+        _setting_flag(p, name)
+
+    p = add("export", cmd_export, "Export an audit run (JSON: everything; CSV: one row per candidate).")
+    p.add_argument("workspace")
+    p.add_argument("--format", choices=("json", "csv"), default="json")
+    p.add_argument("--out", required=True, help="output file, or - for standard output")
+    p.add_argument("--run", type=int, help="audit run id (default: the latest)")
+
+    p = add("label", cmd_label, "Label a candidate by hand (the same action as the dashboard's label buttons).")
+    p.add_argument("workspace")
+    p.add_argument("candidate_id", type=int)
+    p.add_argument("label", choices=("exact_copy", "near_copy", "not_memorized", "unsure"))
+    p.add_argument("--reviewer", required=True)
+    p.add_argument("--note", default="")
+
+    p = add("undo", cmd_undo, "Undo a reviewer's latest label (appends an undo event).")
+    p.add_argument("workspace")
+    p.add_argument("--reviewer", required=True)
+
+    p = add("duplicates", cmd_duplicates, "List the most duplicated training images and write their captions as a prompts file (the paper's prompt selection).")
+    p.add_argument("workspace")
+    p.add_argument("--top", type=int, default=100)
+    p.add_argument("--out", help="write the captions here, one per line")
+
+    p = add("runs", cmd_runs, "List the workspace's audit runs with their parameters and counts.")
+    p.add_argument("workspace")
+
+    p = add("status", cmd_status, "Show what the workspace holds.")
+    p.add_argument("workspace")
+
+    p = add("settings", cmd_settings, "Show the workspace's settings, or set one (NAME VALUE).")
+    p.add_argument("workspace")
+    p.add_argument("name", nargs="?")
+    p.add_argument("value", nargs="?")
+
+    p = add("dashboard", cmd_dashboard, "Start the review dashboard (Streamlit) on a workspace.")
+    p.add_argument("workspace")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; anything else exposes the training set)")
+
+    p = add("demo", cmd_demo, "Build the embedded demo workspace (shipped data and model), or `demo train` to retrain the shipped model.")
+    p.add_argument("workspace", nargs="?", default=DEFAULT_DEMO_WS, help=f"workspace folder (default {DEFAULT_DEMO_WS}), or 'train'")
+    p.add_argument("--open", action="store_true", help="start the dashboard on the result")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--train-steps", type=int, default=None, help="with `demo train`: training steps")
+    p.add_argument("--seed", type=int, default=0, help="with `demo train`: training seed")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MemauditError as e:
+        print(f"memaudit: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("memaudit: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
