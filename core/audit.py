@@ -341,7 +341,8 @@ def _store_results(ws: Workspace, run_id: int, params: AuditParams, results: lis
                     score = (0.0 if extracted else 1.0) + min(r / (1.0 + r), 0.999999)
                 else:
                     flagged = len(members) >= params.min_clique
-                    extracted = bool(l2[med, 0] <= params.delta)
+                    # the attack reports an extraction only for flagged cliques (PAPER.md step 5)
+                    extracted = flagged and bool(l2[med, 0] <= params.delta)
                     score = (0.0 if flagged else 1.0) + min(float(mean_d), 0.999999)
                 cid = con.execute(
                     "INSERT INTO candidates(run_id, prompt_id, group_rank, clique_size, mean_distance, flagged, "

@@ -1,0 +1,173 @@
+"""The audit on planted data: exactly the planted prompts are flagged and extracted."""
+
+import numpy as np
+import pytest
+
+from core import audit, labels
+from core.errors import InputError
+from workspaces import FLAGGED, NOT_FLAGGED, planted_workspace
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return planted_workspace(tmp_path_factory.mktemp("planted"))
+
+
+def test_exactly_the_planted_prompts_are_flagged_and_extracted(planted):
+    ws, run_id = planted
+    rows = {r.prompt: r for r in audit.prompt_results(ws, run_id)}
+    assert set(rows) == set(FLAGGED) | set(NOT_FLAGGED)
+    assert {p for p, r in rows.items() if r.flagged} == set(FLAGGED)
+    assert {p for p, r in rows.items() if r.extracted and r.flagged} == set(FLAGGED)
+    assert rows["copy astronaut"].largest_clique == 12
+    assert rows["six copies"].largest_clique == 6
+    assert rows["flat trap"].largest_clique == 1  # plain L2 would link all 12
+
+
+def test_flagged_candidates_point_at_the_copied_training_image(planted):
+    ws, run_id = planted
+    flagged = audit.candidates(ws, run_id, flagged_only=True)
+    found = {}
+    for c in flagged:
+        name = c.nearest_training_path and audit.get_training(ws, [c.nearest_training_id])[c.nearest_training_id].caption
+        found.setdefault(c.prompt, set()).add(name.replace("a photo of ", ""))
+        assert c.extracted and c.l2 < 0.05 and c.tiled_l2 >= c.l2
+    assert found == {p: set(v) for p, v in FLAGGED.items()}
+    # a prompt that copies two training images shows both as separate groups
+    two = [c for c in flagged if c.prompt == "two copies"]
+    assert sorted(c.clique_size for c in two) == [10, 10] and sorted(c.group_rank for c in two) == [0, 1]
+
+
+def test_candidates_are_ranked_flagged_first_by_mean_distance(planted):
+    ws, run_id = planted
+    cands = audit.candidates(ws, run_id)
+    flags = [c.flagged for c in cands]
+    assert flags == sorted(flags, reverse=True)
+    means = [c.mean_distance for c in cands if c.flagged]
+    assert means == sorted(means)
+
+
+def test_neighbours_are_sorted_by_exact_distance(planted):
+    ws, run_id = planted
+    c = audit.candidates(ws, run_id, flagged_only=True)[0]
+    nbrs = audit.neighbours(ws, c.id)
+    assert len(nbrs) == min(audit.run_params(ws, run_id).neighbours, 8)
+    l2s = [n.l2 for n in nbrs]
+    assert l2s == sorted(l2s) and nbrs[0].training.id == c.nearest_training_id
+
+
+def test_recount_from_cache_matches_a_fresh_run(planted, tmp_path):
+    ws, run_id = planted
+    cache = audit.RunCache(ws, run_id)
+    base = cache.recount(0.1, 10, 0.15)
+    assert base.flagged == 3 and base.extracted == 3
+    # a lower k flags the six-copy prompt too
+    assert {r.prompt for r in cache.recount(0.1, 6, 0.15).prompts if r.flagged} == set(FLAGGED) | {"six copies"}
+    # a tiny tau breaks every clique; a tiny delta keeps the cliques but extracts nothing
+    assert cache.recount(0.01, 10, 0.15).flagged == 0
+    assert cache.recount(0.1, 10, 0.001).extracted == 0
+    # the same thresholds through a full audit run agree with the cached recount
+    fresh = audit.run_audit(ws, audit.params_from(ws, min_clique=6))
+    assert {r.prompt for r in audit.prompt_results(ws, fresh) if r.flagged} == set(FLAGGED) | {"six copies"}
+
+
+def test_prompt_groups_at_any_tau(planted):
+    ws, run_id = planted
+    pid = next(r.prompt_id for r in audit.prompt_results(ws, run_id) if r.prompt == "two copies")
+    groups = audit.prompt_groups(ws, run_id, pid, tau=0.1, min_size=3, max_groups=5)
+    assert [g.size for g in groups] == [10, 10]
+    assert all(g.medoid in g.members for g in groups)
+    assert groups[0].neighbours[0].l2 < 0.05
+    assert audit.prompt_groups(ws, run_id, pid, tau=0.01, min_size=3, max_groups=5) == []
+
+
+def test_figure5_table_counts_prompts_by_duplicate_count(planted):
+    ws, run_id = planted
+    table = audit.duplicate_extraction_table(ws, run_id)
+    assert sum(r["prompts"] for r in table) == len(FLAGGED) + len(NOT_FLAGGED)
+    assert sum(r["extracted"] or 0 for r in table) >= len(FLAGGED)
+
+
+def test_audit_without_inputs_says_what_to_do(tmp_path):
+    from core.store import Workspace
+
+    ws = Workspace.init(tmp_path / "ws")
+    with pytest.raises(InputError, match="no generations"):
+        audit.run_audit(ws)
+    with pytest.raises(InputError, match="no audit run"):
+        audit.candidates(ws)
+
+
+def test_bad_grid_is_refused_before_any_work(planted):
+    ws, _ = planted
+    before = len(audit.list_runs(ws))
+    with pytest.raises(InputError, match="grid 3 does not divide"):
+        audit.run_audit(ws, audit.params_from(ws, grid=3))
+    assert len(audit.list_runs(ws)) == before
+
+
+def test_labels_are_append_only_with_undo_and_agreement(planted):
+    ws, run_id = planted
+    cands = audit.candidates(ws, run_id, flagged_only=True)
+    a, b = cands[0], cands[1]
+    e1 = labels.add_label(ws, a.id, "exact_copy", "alice", token="t1")
+    assert labels.add_label(ws, a.id, "exact_copy", "alice", token="t1") == e1  # retried click stored once
+    labels.add_label(ws, a.id, "near_copy", "bob")
+    labels.add_label(ws, b.id, "not_memorized", "alice")
+    current = labels.current_labels(ws)
+    assert current[(a.medoid_generation_id, a.nearest_training_id)] == {"alice": "exact_copy", "bob": "near_copy"}
+    undo = labels.undo_last(ws, "alice")
+    assert undo is not None
+    assert (b.medoid_generation_id, b.nearest_training_id) not in labels.current_labels(ws)
+    events = labels.label_events(ws)
+    assert [e.label for e in events][-1] is None and events[-1].undoes is not None
+    assert len([c for c in labels.review_queue(ws, run_id, "alice") if c.id == a.id]) == 0
+    with pytest.raises(InputError, match="label must be one of"):
+        labels.add_label(ws, a.id, "maybe", "alice")
+    with pytest.raises(InputError, match="reviewer name is required"):
+        labels.add_label(ws, a.id, "unsure", "  ")
+    agreement = labels.agreement(ws)
+    assert agreement.pairs[("alice", "bob")][1] == 1
+
+
+def test_cohen_kappa_hand_computed():
+    # 10 items: p_o = 0.7; a: 5 yes 5 no; b: 6 yes 4 no -> p_e = 0.5*0.6 + 0.5*0.4 = 0.5 -> kappa = 0.4
+    a = ["y"] * 5 + ["n"] * 5
+    b = ["y", "y", "y", "y", "n", "y", "y", "n", "n", "n"]
+    assert sum(x == y for x, y in zip(a, b)) == 7
+    assert labels.cohen_kappa(a, b) == pytest.approx(0.4)
+    assert labels.cohen_kappa(["y"] * 3, ["y"] * 3) == 1.0
+    assert labels.cohen_kappa([], []) is None
+
+
+def test_unconditional_generations_use_relative_l2(tmp_path):
+    """Generations with no prompt: extracted when rel = l2 / (alpha * mean l2 to n nearest) < 1."""
+    import csv
+
+    from PIL import Image
+
+    from core.importer import import_generations
+    from core.store import Workspace
+    from core.training import add_training
+    from workspaces import planted_files, training_arrays
+
+    files = planted_files(tmp_path / "data")
+    ws = Workspace.init(tmp_path / "ws")
+    add_training(ws, files["train"], captions=files["captions"])
+    train = training_arrays()
+    rng = np.random.default_rng(1)
+    gdir = tmp_path / "uncond"
+    gdir.mkdir()
+    with open(gdir / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "prompt"])
+        Image.fromarray(np.clip(train["coffee"] + rng.normal(0, 3, train["coffee"].shape), 0, 255).astype(np.uint8)).save(gdir / "copy.png")
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(gdir / "noise.png")
+        w.writerow(["copy.png", ""])
+        w.writerow(["noise.png", ""])
+    import_generations(ws, gdir / "m.csv")
+    run = audit.run_audit(ws, audit.params_from(ws, relative_n=5))
+    cands = {c.medoid_path.split("/")[-1]: c for c in audit.candidates(ws, run) if c.prompt is None}
+    copy = next(c for c in cands.values() if c.extracted)
+    assert copy.relative_l2 < 0.5 and copy.l2 < 0.05
+    assert sum(c.extracted for c in cands.values()) == 1
