@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__, config
@@ -196,6 +195,28 @@ def cmd_settings(args: argparse.Namespace) -> None:
     _emit(args, "\n".join(f"{k:20s} {v!r}" for k, v in values.items()), values)
 
 
+def cmd_backup(args: argparse.Namespace) -> None:
+    from .maintenance import backup
+
+    out = backup(_ws(args.workspace), args.out)
+    _emit(args, f"backed up {args.workspace} to {out}", {"out": str(out)})
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from .maintenance import verify
+
+    report = verify(_ws(args.workspace))
+    data = {"ok": report.ok, "checked_files": report.checked_files, "missing": report.missing,
+            "integrity": report.integrity, "orphans": report.orphans}
+    lines = [f"database integrity: {report.integrity}", f"files checked: {report.checked_files}, missing: {len(report.missing)}"]
+    lines += [f"  missing: {m}" for m in report.missing]
+    if report.orphans:
+        lines.append(f"{len(report.orphans)} files no row refers to (harmless; left by an interrupted run)")
+    _emit(args, "\n".join(lines), data)
+    if not report.ok:
+        raise SystemExit(1)
+
+
 def cmd_dashboard(args: argparse.Namespace) -> None:
     from dashboard.launch import launch
 
@@ -292,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workspace")
     p.add_argument("name", nargs="?")
     p.add_argument("value", nargs="?")
+
+    p = add("backup", cmd_backup, "Make a consistent copy of a live workspace (SQLite online backup plus the files it names).")
+    p.add_argument("workspace")
+    p.add_argument("out", help="new, empty folder for the copy")
+
+    p = add("verify", cmd_verify, "Check the database's integrity and that every file it names exists; exit 1 if not.")
+    p.add_argument("workspace")
 
     p = add("dashboard", cmd_dashboard, "Start the review dashboard (Streamlit) on a workspace.")
     p.add_argument("workspace")
