@@ -1,0 +1,88 @@
+"""Start the dashboard: ``streamlit run <installed app.py> -- WS`` with memaudit's server settings.
+
+The same settings live in ``.streamlit/config.toml`` for ``streamlit run dashboard/app.py -- WS``
+from a checkout; here they are passed as flags so that the dashboard behaves the same when it
+is started from any folder (Streamlit only reads ``.streamlit/config.toml`` from the current one).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from core.errors import InputError
+from core.store import Workspace
+
+APP = Path(__file__).resolve().with_name("app.py")
+
+# Flattened ``section.option`` -> value; equal to .streamlit/config.toml (a test checks it).
+CONFIG: dict[str, str | int | bool] = {
+    "server.address": "127.0.0.1",
+    "server.port": 8501,
+    "server.headless": True,
+    "server.enableXsrfProtection": True,
+    "server.runOnSave": False,
+    "browser.gatherUsageStats": False,
+    "client.toolbarMode": "minimal",
+    "client.showErrorDetails": "full",
+    "theme.base": "light",
+    "theme.primaryColor": "#3b5b7a",
+    "theme.backgroundColor": "#fbfbfa",
+    "theme.secondaryBackgroundColor": "#f0f1f2",
+    "theme.textColor": "#1f2328",
+    "theme.borderColor": "#d9dcdf",
+    "theme.showWidgetBorder": True,
+    "theme.baseRadius": "small",
+    "theme.baseFontSize": 14,
+}
+
+
+def _flag_value(value: str | int | bool) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def command(ws: str | Path, port: int = 8501, host: str = "127.0.0.1", extra_args: Sequence[str] = (),
+            *, open_browser: bool = False) -> list[str]:
+    """The ``streamlit run`` command line for workspace ``ws`` (an absolute path is passed on)."""
+    options = dict(CONFIG, **{"server.port": int(port), "server.address": host})
+    if open_browser:
+        options["server.headless"] = False
+    flags = [f"--{name}={_flag_value(value)}" for name, value in options.items()]
+    return [sys.executable, "-m", "streamlit", "run", str(APP), *flags, *extra_args, "--", str(Path(ws).resolve())]
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def launch(ws: str | Path, port: int = 8501, host: str = "127.0.0.1", extra_args: Sequence[str] = (),
+           *, open_browser: bool = False) -> int:
+    """Serve the dashboard for ``ws`` until interrupted; returns Streamlit's exit status.
+
+    Raises WorkspaceError when ``ws`` is not a workspace and InputError when the port is taken,
+    before anything is started.
+    """
+    Workspace.open(ws)
+    if not 0 < int(port) < 65536:
+        raise InputError(f"port {port} is not a TCP port; pass --port between 1 and 65535")
+    if not port_free(host, int(port)):
+        raise InputError(f"port {port} on {host} is already in use; pass another with --port N")
+    print(f"memaudit dashboard: http://{host if ':' not in host else f'[{host}]'}:{port}  (Ctrl+C to stop)", flush=True)
+    proc = subprocess.Popen(command(ws, port, host, extra_args, open_browser=open_browser))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            return proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
