@@ -101,24 +101,42 @@ def test_settings_are_checked_before_loading(ws):
 
 
 # ------------------------------------------------------------------------------ seeds and batches
-@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
-def test_a_row_regenerated_alone_matches_its_batch(ws, tmp_path, tiny_text2image, scheduler):
-    """Batch of 4 vs each image alone: identical uint8 pixels (DDPM draws fresh noise every step)."""
+@pytest.fixture
+def ddpm(tmp_path) -> str:
+    """Unconditional DDPM: a stochastic sampler drawing fresh noise at every step from each image's generator."""
     from tiny_models import build_unconditional
 
-    if scheduler == "ddim":
-        ref = str(tiny_text2image)
-        gen.generate(ws, ref, ["a red cube"], 4, batch_size=4, seed=3, **FAST)
-    else:
-        ref = str(build_unconditional(tmp_path / "ddpm", scheduler="ddpm"))
-        gen.generate(ws, ref, None, 4, batch_size=4, seed=3, **FAST)
-    got = rows(ws)
-    assert len(got) == 4 and {json.loads(r["params"])["batch_size"] for r in got} == {4}
+    return str(build_unconditional(tmp_path / "ddpm", scheduler="ddpm"))
+
+
+@pytest.mark.parametrize("model", ["text2image", "ddpm"])
+def test_rows_generated_one_at_a_time_regenerate_bit_identical(ws, tiny_text2image, ddpm, model):
+    ref, prompts = (str(tiny_text2image), ["a red cube"]) if model == "text2image" else (ddpm, None)
+    gen.generate(ws, ref, prompts, 3, batch_size=1, seed=3, **FAST)
     loaded = gen.load_pipeline(ref, "cpu")
-    for r in got:
+    for r in rows(ws):
         again = gen.regenerate(ws, r["id"], "cpu", loaded=loaded)
         assert again.dtype == np.uint8 and again.shape == (16, 16, 3)
-        assert np.array_equal(again, pixels(ws, r)), f"seed {r['seed']} differs alone vs in its batch"
+        assert np.array_equal(again, pixels(ws, r)), f"seed {r['seed']}"
+
+
+@pytest.mark.parametrize("model", ["text2image", "ddpm"])
+def test_batched_rows_regenerate_alone_within_one_level(ws, tiny_text2image, ddpm, model):
+    """CPU kernels are not batch-invariant: a row regenerated alone may differ from its batch of 8
+    by one 8-bit level on a few values (the tolerance documented in core.generate), never more."""
+    ref, prompts = (str(tiny_text2image), ["a red cube"]) if model == "text2image" else (ddpm, None)
+    gen.generate(ws, ref, prompts, 8, batch_size=8, seed=0, **FAST)
+    got = rows(ws)
+    assert {json.loads(r["params"])["batch_size"] for r in got} == {8}
+    loaded = gen.load_pipeline(ref, "cpu")
+    diffs = np.stack([np.abs(gen.regenerate(ws, r["id"], "cpu", loaded=loaded).astype(int) - pixels(ws, r))
+                      for r in got])
+    assert diffs.max() <= 1 and (diffs > 0).mean() <= 0.001
+    # below the 8-bit rounding the difference is float noise
+    conds = [((prompts or [""])[0], None)] * 8
+    batch = gen.sample(loaded, conds, list(range(8)), steps=2, guidance=7.5)
+    alone = np.concatenate([gen.sample(loaded, conds[:1], [s], steps=2, guidance=7.5) for s in range(8)])
+    assert np.abs(batch - alone).max() < 1e-5
 
 
 def test_regenerate_needs_only_the_row(ws, tiny_text2image):
@@ -192,6 +210,19 @@ def test_offline_hub_id_says_pass_a_local_directory():
         gen.load_pipeline("memaudit-tests/no-such-model", "cpu")
 
 
+def test_unreachable_hub_says_pass_a_local_directory(monkeypatch):
+    """Online mode but no connection (simulated: this machine has no network to fail against)."""
+    from diffusers import DiffusionPipeline
+
+    def no_network(*args, **kwargs):
+        raise OSError("Cannot load model: the model is not fully cached locally and the Hub could not be reached")
+
+    monkeypatch.setattr(gen, "_offline", lambda: False)
+    monkeypatch.setattr(DiffusionPipeline, "download", no_network)
+    with pytest.raises(ModelError, match="the Hub could not be reached; pass a local directory"):
+        gen.load_pipeline("memaudit-tests/no-such-model", "cpu")
+
+
 def test_folders_that_are_not_diffusers_models_are_refused(tmp_path, tiny_unconditional):
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -212,6 +243,12 @@ def test_own_pipelines_load_through_their_class(tmp_path, monkeypatch, tiny_unco
     from diffusers import DDIMPipeline, ImagePipelineOutput
 
     class PromptedTestPipeline(DDIMPipeline):
+        def caption_ids(self, prompts: list[str]) -> list[int]:
+            for p in prompts:
+                if p.startswith("x"):
+                    raise InputError(f"caption {p!r} is not in this model's vocabulary")
+            return [len(p) for p in prompts]
+
         def __call__(self, prompt: list[str], num_inference_steps: int = 2, generator=None, output_type: str = "np"):
             out = super().__call__(batch_size=len(prompt), generator=generator,
                                    num_inference_steps=num_inference_steps, output_type="np")
@@ -231,6 +268,9 @@ def test_own_pipelines_load_through_their_class(tmp_path, monkeypatch, tiny_unco
     assert type(loaded.pipeline) is PromptedTestPipeline
     assert loaded.kind == "text2image" and not loaded.uses_guidance
     ws = Workspace.init(tmp_path / "ws")
+    with pytest.raises(InputError, match="'xyz' is not in this model's vocabulary"):  # checked before any batch
+        gen.generate(ws, str(folder), ["ab", "xyz"], 2, batch_size=1, seed=0, **FAST)
+    assert rows(ws) == []
     assert gen.generate(ws, str(folder), ["ab", "abc"], 2, batch_size=4, seed=0, **FAST).generated == 4
     assert {r["guidance"] for r in rows(ws)} == {None}
     for r in rows(ws):
