@@ -554,7 +554,13 @@ def generate(ws: Workspace, model_ref: str, prompts: Sequence[str] | None, per_p
                 stopped = True
                 break
             batch = pending[start:start + batch_size]
-            images = sample(loaded, [(b[1], b[2]) for b in batch], [b[4] for b in batch], steps=steps, guidance=used_guidance)
+            try:
+                images = sample(loaded, [(b[1], b[2]) for b in batch], [b[4] for b in batch], steps=steps, guidance=used_guidance)
+            except RuntimeError as e:
+                if "out of memory" not in str(e).lower():
+                    raise
+                raise MemauditError(f"{loaded.device} ran out of memory at batch size {batch_size}; rerun with a smaller "
+                                    "batch size (finished images are kept and skipped)") from None
             rows: list[dict[str, Any]] = []
             try:
                 for pos, ((pid, text, label, j, s), image) in enumerate(zip(batch, images)):
