@@ -86,11 +86,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ws = _ws(args.workspace)
     s = ws.settings()
     opt = lambda name: s[name] if getattr(args, name) is None else config.check(name, getattr(args, name))  # noqa: E731
-    prompts = read_prompts(args.prompts) if args.prompts else [""]
+    prompts = read_prompts(args.prompts) if args.prompts else None  # None: an unconditional model
     report = generate(ws, args.model, prompts, opt("per_prompt"), steps=opt("steps"), guidance=opt("guidance"),
                       batch_size=opt("batch_size"), seed=opt("seed"), device=opt("device"))
     data = {k: getattr(report, k) for k in report.__dataclass_fields__}
-    _emit(args, f"generated {report.generated} images for {len(prompts)} prompts "
+    _emit(args, f"generated {report.generated} images for {len(prompts) if prompts else 1} prompts "
                 f"({report.skipped_existing} already in the workspace) in {report.seconds:.1f} s", data)
 
 
