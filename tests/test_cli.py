@@ -87,3 +87,24 @@ def test_every_subcommand_has_complete_help():
     assert {"--edge-threshold", "--min-clique", "--grid", "--delta", "--neighbours", "--embedder", "--json"} <= audit_flags
     gen_flags = {o for a in sub.choices["generate"]._actions for o in a.option_strings}
     assert {"--model", "--prompts", "--per-prompt", "--steps", "--guidance", "--batch-size", "--seed", "--device"} <= gen_flags
+
+
+def test_generate_through_the_cli_with_tiny_real_pipelines(tmp_path, capsys, tiny_text2image, tiny_unconditional):
+    ws = tmp_path / "ws"
+    run(capsys, "init", ws)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    argv = ["generate", ws, "--model", tiny_text2image, "--prompts", prompts, "--per-prompt", 3, "--steps", 2,
+            "--batch-size", 2, "--seed", 5, "--json"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and json.loads(out)["generated"] == 6
+    code, out, _ = run(capsys, *argv)  # a rerun resumes: nothing left to do
+    assert code == 0 and json.loads(out)["generated"] == 0 and json.loads(out)["skipped_existing"] == 6
+    code, out, _ = run(capsys, "generate", ws, "--model", tiny_unconditional, "--per-prompt", 4, "--steps", 2, "--json")
+    assert code == 0 and json.loads(out)["generated"] == 4
+    from core.store import Workspace
+
+    with Workspace.open(ws).connect() as con:
+        seeds = sorted(r[0] for r in con.execute("SELECT seed FROM generations g JOIN prompts p ON p.id = g.prompt_id WHERE p.text = 'a red square'"))
+        assert seeds == [5, 6, 7]
+        assert con.execute("SELECT COUNT(*) FROM generations g JOIN prompts p ON p.id = g.prompt_id WHERE p.text = ''").fetchone()[0] == 4
