@@ -24,9 +24,11 @@ Two embedders share one interface (``name``, ``dim``, ``metric``, ``params``,
     of the two (centre-cropped, same-size) images it was computed from: a training
     image farther than ``delta`` in embedding space is farther than ``delta`` in
     pixels. Arrays passed to ``embed`` are used as they are (float, no 8-bit
-    rounding); PIL images are converted to float at their own resolution first, so
-    against arrays produced by ``to_working`` (8-bit BOX resampling) the bound holds
-    up to that rounding (at most 1/255 in normalised L2).
+    rounding); PIL images are pooled from their full-resolution centre crop. Arrays
+    made by ``to_working`` at a size S (PIL's BOX filter, rounded to 8 bits) pool to
+    the same values up to that rounding (at most 1/255 per value) when the crop side
+    is a multiple of S and S a multiple of s; for other ratios PIL's BOX filter
+    assigns whole pixels to cells and the two agree only approximately.
 
 ``clip`` (metric ``cosine``)
     The image tower of an open_clip model (setting ``clip_model``) with weights from
@@ -242,11 +244,11 @@ class ClipEmbedder:
     metric = "cosine"
 
     def __init__(self, model_name: str, pretrained: str, *, device: str = "cpu", batch_size: int = 32):
+        kind, ref = _clip_weights(model_name, pretrained)
         import open_clip  # heavy: imported only where a CLIP model is built
 
         if model_name not in open_clip.list_models():
             raise ModelError(f"unknown open_clip model {model_name!r}; set clip_model to one of open_clip.list_models(), e.g. ViT-B-32")
-        kind, ref = _clip_weights(model_name, pretrained)
         if kind == "tag" and ref not in open_clip.list_pretrained_tags_by_model(model_name):
             raise ModelError(f"clip_pretrained {ref!r} is neither a file nor a pretrained tag of {model_name}; "
                              "pass a local checkpoint file")

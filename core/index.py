@@ -232,16 +232,22 @@ class TrainingIndex:
         return self
 
     def _load_stored(self, row: Any) -> tuple[np.ndarray, np.ndarray] | None:
-        """Stored (ids, vectors) when both files agree with the row, else None."""
+        """Stored (ids, vectors) when the two files agree with each other, else None.
+
+        The files describe themselves (ids row i <-> vectors row i), so a kill between
+        writing them and writing the ``indexes`` row loses nothing; the database decides
+        below which of them still belong.
+        """
         try:
             ids = np.load(self.ids_path)
             vectors = np.load(self.vectors_path, mmap_mode="r")
         except (OSError, ValueError, EOFError):
             return None
-        n = int(row["count"])
-        if ids.dtype != np.int64 or ids.shape != (n,) or vectors.dtype != np.float32 or vectors.shape != (n, int(row["dim"])):
+        if ids.dtype != np.int64 or ids.ndim != 1 or vectors.dtype != np.float32 or vectors.ndim != 2:
             return None
-        if n and (int(ids[-1]) != int(row["max_training_id"]) or not (np.diff(ids) > 0).all()):
+        if len(ids) != len(vectors) or (len(ids) and vectors.shape[1] != int(row["dim"])):
+            return None
+        if not (np.diff(ids) > 0).all():
             return None
         return ids, vectors
 
@@ -250,8 +256,6 @@ class TrainingIndex:
         if self.count == 0:
             self.kind, self._index = "empty", None
             return None
-        if row["kind"] != self._kind_for(self.count):
-            return f"is {row['kind']} but {self.count} images with index_exact_max {self.exact_max} call for {self._kind_for(self.count)}"
         if not self.faiss_path.is_file():
             return "file is missing"
         import faiss
@@ -261,8 +265,17 @@ class TrainingIndex:
         except RuntimeError:
             return "file cannot be read"
         if index.ntotal != self.count or index.d != self.dim:
-            return f"file holds {index.ntotal} vectors of dimension {index.d}, the database {self.count} of {self.dim}"
-        self._index, self.kind = index, row["kind"]
+            return (f"file holds {index.ntotal} vectors of dimension {index.d}, the stored embeddings "
+                    f"{self.count} of dimension {self.dim}")
+        ivf = faiss.try_extract_index_ivf(index)
+        kind = "ivf" if ivf is not None else "flat"
+        if kind != self._kind_for(self.count):
+            return (f"is {kind} but {self.count} images with index_exact_max {self.exact_max} call for "
+                    f"{self._kind_for(self.count)}")
+        if ivf is not None:
+            self.meta["nlist"] = int(ivf.nlist)
+            self.meta.setdefault("trained_count", self.count)
+        self._index, self.kind = index, kind
         self._apply_nprobe()
         return None
 
