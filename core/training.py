@@ -128,7 +128,7 @@ def _read_csv(path: Path, text: str) -> dict[str, str]:
 
 def _read_jsonl(path: Path, text: str) -> dict[str, str]:
     out: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # only \n ends a record (captions may hold U+2028 etc.)
         if not line.strip():
             continue
         where = f"{path}: line {number}"
