@@ -71,11 +71,14 @@ class Embedder(Protocol):
         ...
 
 
-def require_finite(vectors: np.ndarray, what: str) -> np.ndarray:
-    """Return ``vectors`` unchanged, or raise ModelError when any value is NaN or inf."""
-    bad = ~np.isfinite(vectors).all(axis=tuple(range(1, vectors.ndim))) if vectors.ndim > 1 else ~np.isfinite(vectors)
-    if bad.any():
-        raise ModelError(f"{what} produced NaN or inf embeddings for {int(bad.sum())} of {len(vectors)} images; "
+def require_finite(vectors: np.ndarray, what: str, chunk: int = 65_536) -> np.ndarray:
+    """Return ``vectors`` unchanged, or raise ModelError when any value is NaN or inf (checked by rows, in chunks)."""
+    if vectors.size == 0:
+        return vectors
+    flat = vectors.reshape(len(vectors), -1) if vectors.ndim > 1 else vectors.reshape(-1, 1)
+    bad = sum(int((~np.isfinite(flat[s:s + chunk]).all(axis=1)).sum()) for s in range(0, len(flat), chunk))
+    if bad:
+        raise ModelError(f"{what} produced NaN or inf embeddings for {bad} of {len(vectors)} images; "
                          "check the model weights (nothing was indexed)")
     return vectors
 

@@ -308,6 +308,13 @@ class TrainingIndex:
     def _kind_for(self, n: int) -> str:
         return "empty" if n == 0 else ("flat" if n <= self.exact_max else "ivf")
 
+    def set_nprobe(self, nprobe: int) -> None:
+        """Lists an IVF index probes per query (capped at nlist; no effect on an exact index)."""
+        if int(nprobe) < 1:
+            raise ValueError(f"nprobe must be at least 1, got {nprobe}")
+        self.nprobe = int(nprobe)
+        self._apply_nprobe()
+
     def _apply_nprobe(self) -> None:
         if self.kind == "ivf":
             import faiss
@@ -352,8 +359,9 @@ class TrainingIndex:
         if self.count and vectors.shape[1] != self.dim:
             raise ValueError(f"vectors of dimension {vectors.shape[1]} cannot join the {self.name} index of dimension {self.dim}")
         require_finite(vectors, f"the {self.name} embedder")
-        order = np.argsort(ids, kind="stable")
-        ids, vectors = ids[order], vectors[order]
+        if not (np.diff(ids) > 0).all():  # sort (a copy) only when needed
+            order = np.argsort(ids, kind="stable")
+            ids, vectors = ids[order], vectors[order]
         if (np.diff(ids) == 0).any() or np.isin(ids, self.ids).any():
             raise ValueError(f"training ids already in the {self.name} index cannot be added again")
         self.dim = int(vectors.shape[1])

@@ -178,8 +178,7 @@ def test_ivf_with_exact_reranking_has_high_recall_and_exact_scores(tmp_path: Pat
     self_ids, self_d = index.search(x[[5, 500, 3999]], 1)
     assert self_ids[:, 0].tolist() == [6, 501, 4000] and self_d[:, 0].tolist() == [0.0, 0.0, 0.0]
     # a single probe still answers k results for every query (short lists fall back to exact search)
-    index.nprobe = 1
-    index._apply_nprobe()
+    index.set_nprobe(1)
     assert faiss.extract_index_ivf(index._index).nprobe == 1
     ids1, _ = index.search(q[:20], 200)
     assert (ids1 > 0).all()

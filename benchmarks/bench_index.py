@@ -1,0 +1,168 @@
+"""Training-index benchmark: build time, memory, queries per second and recall@10.
+
+Data: synthetic 512-d embeddings shaped like CLIP's (L2-normalised, cosine metric):
+a mixture of 1,000 Gaussian clusters (centre ~ N(0, I), member = centre + N(0, I),
+normalised), n = 1,000,000 vectors (``--smoke``: 20,000). Queries: 1,000 (smoke: 200)
+held-out draws from the same mixture, so they are not in the index.
+
+The index is built by ``core.index.TrainingIndex.add`` exactly as an ingest builds it,
+so it is the kind memaudit chooses at that size (exact up to ``index_exact_max``,
+50,000 by default; IVF-SQ8 with exact re-ranking above). Search goes through
+``TrainingIndex.search`` (re-ranking included). The baseline is exact search in
+numpy: ``q @ X.T`` in float32 blocks of 65,536 vectors and ``argpartition``; recall@10
+is measured against it. IVF is measured at several ``nprobe`` values; the default
+is marked.
+
+    python -m benchmarks.bench_index [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from core.index import DEFAULT_NPROBE, TrainingIndex  # noqa: E402
+from core.store import Workspace  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+DIM = 512
+CLUSTERS = 1000
+K = 10
+
+
+def synthetic(n: int, seed: int, centres: np.ndarray, chunk: int = 100_000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, centres.shape[1]), dtype=np.float32)
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        x = centres[rng.integers(0, len(centres), m)] + rng.standard_normal((m, centres.shape[1]), dtype=np.float32)
+        out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def numpy_exact(x: np.ndarray, q: np.ndarray, k: int, block: int = 65_536) -> np.ndarray:
+    """Exact top-k by inner product (cosine on normalised vectors), numpy only."""
+    best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(q), 0), dtype=np.int64)
+    for s in range(0, len(x), block):
+        sc = q @ x[s:s + block].T
+        kk = min(k, sc.shape[1])
+        part = np.argpartition(-sc, kk - 1, axis=1)[:, :kk]
+        cand_s = np.concatenate([best_s, np.take_along_axis(sc, part, 1)], axis=1)
+        cand_i = np.concatenate([best_i, part + s], axis=1)
+        top = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(cand_s, top, 1), np.take_along_axis(cand_i, top, 1)
+    return best_i
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth)]))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def timed_search(index: TrainingIndex, q: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    index.search(q[:10], k)  # warm the page cache and faiss' threads
+    t = time.perf_counter()
+    ids, _ = index.search(q, k)
+    return ids, len(q) / (time.perf_counter() - t)
+
+
+def run(n: int, n_queries: int, exact_max: int | None, nprobes: tuple[int, ...], label: str) -> list[dict]:
+    import faiss
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((CLUSTERS, DIM), dtype=np.float32)
+    t = time.perf_counter()
+    x = synthetic(n, 1, centres)
+    q = synthetic(n_queries, 2, centres)
+    gen_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    truth = numpy_exact(x, q, K)
+    numpy_qps = n_queries / (time.perf_counter() - t)
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
+        ws = Workspace.init(Path(tmp) / "ws")
+        index = TrainingIndex(ws, "clip", {"clip_model": "synthetic", "clip_pretrained": "none"},
+                              exact_max=exact_max if exact_max is not None else ws.settings()["index_exact_max"],
+                              nprobe=DEFAULT_NPROBE)
+        ids = np.arange(1, n + 1, dtype=np.int64)
+        rss_before = peak_rss_mb()
+        t = time.perf_counter()
+        index.add(ids, x)
+        build_s = time.perf_counter() - t
+        faiss_mb = index.faiss_path.stat().st_size / 2**20
+        vectors_mb = index.vectors_path.stat().st_size / 2**20
+        for nprobe in (nprobes if index.kind == "ivf" else (0,)):
+            if nprobe:
+                index.set_nprobe(nprobe)
+            found, qps = timed_search(index, q, K)
+            rows.append({
+                "label": label, "n": n, "dim": DIM, "queries": n_queries, "kind": index.kind,
+                "nlist": index.meta.get("nlist"), "nprobe": nprobe or None,
+                "default": (nprobe in (0, DEFAULT_NPROBE)),
+                "build_s": round(build_s, 2), "faiss_index_mb": round(faiss_mb, 1),
+                "embeddings_mb": round(vectors_mb, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+                "rss_before_build_mb": round(rss_before, 1),
+                "qps": round(qps, 1), "numpy_exact_qps": round(numpy_qps, 1), "speedup": round(qps / numpy_qps, 1),
+                "recall_at_10": round(recall_at(found - 1, truth), 4),
+                "data_s": round(gen_s, 1), "faiss_threads": faiss.omp_get_max_threads(),
+            })
+        del index
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["label", "n", "kind", "nlist", "nprobe", "build_s", "faiss_index_mb", "embeddings_mb", "peak_rss_mb",
+            "qps", "numpy_exact_qps", "speedup", "recall_at_10"]
+    cells = [[str(r.get(c)) + ("*" if c == "nprobe" and r["default"] and r["kind"] == "ivf" else "") for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    print("(* default nprobe)")
+
+
+def main(smoke: bool = False) -> list[dict]:
+    if smoke:
+        rows = run(20_000, 200, None, (DEFAULT_NPROBE,), "smoke")
+        # the IVF path at smoke size too, forced by a low index_exact_max
+        rows += run(20_000, 200, 5_000, (8, DEFAULT_NPROBE), "smoke, IVF forced")
+    else:
+        rows = run(1_000_000, 1_000, None, (8, DEFAULT_NPROBE, 32, 64), "full")
+    print_table(rows)
+    OUT.mkdir(parents=True, exist_ok=True)
+    out = OUT / ("bench_index_smoke.json" if smoke else "bench_index.json")
+    meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "numpy": np.__version__}
+    out.write_text(json.dumps({"benchmark": "index", "smoke": smoke, "environment": meta, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="20k vectors instead of 1M")
+    parser.add_argument("--n", type=int, help="another size, printed only (not written to out/)")
+    args = parser.parse_args()
+    if args.n:
+        print_table(run(args.n, 1_000, None, (8, DEFAULT_NPROBE, 32, 64), f"n={args.n}"))
+    else:
+        main(args.smoke)
