@@ -1,0 +1,341 @@
+"""core.distances: formulas, numerics near zero, exact pruning, input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+import core.distances as distances
+from core.distances import (
+    average_pool, check_grid, cosine_distance, paired_l2, paired_tiled_l2, pairwise_l2, pairwise_tiled_l2,
+    relative_l2,
+)
+from core.errors import InputError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def reference_tiled(a: np.ndarray, b: np.ndarray, grid: int) -> np.ndarray:
+    """Direct differences in float64, one pair at a time: the definition, nothing clever."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    n, h, w, c = a.shape
+    th, tw = h // grid, w // grid
+    out = np.zeros((len(a), len(b)))
+    for i in range(len(a)):
+        for j in range(len(b)):
+            sq = (a[i] - b[j]) ** 2
+            tiles = [sq[y:y + th, x:x + tw].sum() / (th * tw * c) for y in range(0, h, th) for x in range(0, w, tw)]
+            out[i, j] = np.sqrt(max(tiles))
+    return out
+
+
+def photographs(size: int) -> np.ndarray:
+    """Real images with structure (scikit-image ships them), centre-cropped and resized to size x size."""
+    from PIL import Image
+    from skimage import data
+
+    from core.images import to_working
+
+    out = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "colorwheel"):
+        arr = getattr(data, name)()[..., :3]
+        out.append(to_working(Image.fromarray(arr), size))
+    return np.stack(out)
+
+
+def near_copies(rng: np.random.Generator, base: np.ndarray, scales: list[float]) -> np.ndarray:
+    """base, an identical copy, and noisy copies at the given noise scales (clipped to [0, 1])."""
+    rows = [base, base.copy()]
+    rows += [np.clip(base + s * rng.standard_normal(base.shape), 0, 1).astype(np.float32) for s in scales]
+    return np.stack(rows)
+
+
+# ---------------------------------------------------------------------------- formulas
+def test_l2_and_tiled_l2_hand_computed():
+    a = np.zeros((1, 2, 2, 1), np.float32)
+    b = a.copy()
+    b[0, 0, 0, 0] = 1.0  # one value of four differs by 1
+    assert pairwise_l2(a, b).item() == pytest.approx(np.sqrt(1 / 4))
+    assert paired_l2(a, b).item() == pytest.approx(0.5)
+    # 2 x 2 grid of 1-value tiles: the differing tile has distance 1
+    assert pairwise_tiled_l2(a, b, grid=2).item() == pytest.approx(1.0)
+    assert paired_tiled_l2(a, b, 2).item() == pytest.approx(1.0)
+    # three channels, a 4 x 4 image, grid 2: tile (0, 1) differs by 0.5 in 3 of its 12 values
+    a = np.full((1, 4, 4, 3), 0.25, np.float32)
+    b = a.copy()
+    b[0, 0, 2, :] = 0.75
+    assert pairwise_l2(a, b).item() == pytest.approx(np.sqrt(3 * 0.25 / 48))
+    assert pairwise_tiled_l2(a, b, grid=2).item() == pytest.approx(np.sqrt(3 * 0.25 / 12))
+    assert pairwise_tiled_l2(a, b, grid=4).item() == pytest.approx(np.sqrt(3 * 0.25 / 3))
+    # grid 1 is plain L2
+    assert pairwise_tiled_l2(a, b, grid=1).item() == pairwise_l2(a, b).item()
+
+
+def test_pairwise_matches_the_definition_on_photographs():
+    x = photographs(64)
+    for grid in (1, 2, 4, 8):
+        got = pairwise_tiled_l2(x, grid=grid).numpy()
+        np.testing.assert_allclose(got, reference_tiled(x, x, grid), atol=5e-5, rtol=0)
+        got = pairwise_tiled_l2(x[:2], x[1:], grid=grid).numpy()
+        np.testing.assert_allclose(got, reference_tiled(x[:2], x[1:], grid), atol=5e-5, rtol=0)
+
+
+def test_relative_l2_hand_computed():
+    rel = relative_l2(np.array([0.1, 0.2, 0.0, 0.3]),
+                      np.array([[0.1, 0.3], [0.2, 0.2], [0.0, 0.0], [0.0, 0.0]]), alpha=0.5)
+    np.testing.assert_allclose(rel.numpy()[:3], [0.1 / (0.5 * 0.2), 0.2 / (0.5 * 0.2), 0.0], rtol=1e-6)
+    assert rel[3].item() == float("inf")
+    assert relative_l2(torch.tensor([0.05]), torch.tensor([[0.1]]), alpha=0.25).item() == pytest.approx(2.0)
+
+
+def test_cosine_distance_hand_computed():
+    x = np.array([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0], [1.0, 1.0]])
+    d = cosine_distance(x).numpy()
+    assert d[0, 1] == pytest.approx(1.0) and d[0, 2] == pytest.approx(2.0)
+    assert d[0, 3] == pytest.approx(1 - 1 / np.sqrt(2))
+    assert np.all(np.diag(d) == 0) and np.array_equal(d, d.T)
+    # near-identical embeddings are resolved, not rounded to 0 or to 1e-7 noise
+    e = np.array([[1.0, 1e-4]])
+    assert cosine_distance(np.array([[1.0, 0.0]]), e).item() == pytest.approx(1 - 1 / np.sqrt(1 + 1e-8), rel=1e-3)
+    assert cosine_distance(x[:1], np.array([[5.0, 0.0]])).item() == 0.0
+
+
+def test_flat_background_trap():
+    """Equal except one corner tile: plain L2 calls them close, tiled L2 does not."""
+    a = np.full((1, 32, 32, 3), 0.5, np.float32)
+    b = a.copy()
+    b[0, :8, :8, :] = 0.9  # one tile of the 4 x 4 grid (1/16 of the image)
+    plain = pairwise_l2(a, b).item()
+    tiled = pairwise_tiled_l2(a, b, grid=4).item()
+    assert plain == pytest.approx(0.1, abs=1e-6)  # sqrt(0.16 / 16)
+    assert tiled == pytest.approx(0.4, abs=1e-6)
+    assert plain < 0.15 < tiled  # an edge at tau = 0.15 under plain L2, none under tiled L2
+
+
+# ---------------------------------------------------------------------------- properties
+images = st.integers(1, 4).flatmap(lambda n: st.sampled_from([(4, 1), (8, 3), (8, 1)]).flatmap(
+    lambda hc: hnp.arrays(np.float32, (n, hc[0], hc[0], hc[1]), elements=st.floats(0, 1, width=32))))
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=images, grid=st.sampled_from([1, 2, 4]))
+def test_properties(x, grid):
+    d = pairwise_tiled_l2(x, grid=grid)
+    plain = pairwise_l2(x)
+    assert torch.equal(d, d.T)  # exactly symmetric
+    assert torch.all(torch.diagonal(d) == 0)
+    assert torch.all(pairwise_tiled_l2(x, x, grid=grid).diagonal() == 0)  # identical images: exactly 0
+    assert torch.all(paired_tiled_l2(x, x.copy(), grid) == 0)
+    assert torch.all(d >= plain - 5e-5)  # a maximum over tiles is at least their mean
+    ref = reference_tiled(x, x, grid)
+    np.testing.assert_allclose(d.numpy(), ref, atol=5e-5, rtol=0)
+    # pooled images give lower bounds, per tile as well
+    for f in (2, 4):
+        if x.shape[1] // grid % f == 0:
+            pooled = average_pool(x, f)
+            assert torch.all(pairwise_tiled_l2(pooled, grid=grid) <= d + 5e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(x=images)
+def test_pairwise_agrees_with_paired(x):
+    y = x[::-1].copy()
+    d = pairwise_tiled_l2(x, y, grid=2)
+    for i in range(len(x)):
+        row = paired_tiled_l2(np.repeat(x[i:i + 1], len(y), 0), y, 2)
+        np.testing.assert_allclose(d[i].numpy(), row.numpy(), atol=5e-5, rtol=0)
+
+
+def test_average_pool_is_the_window_mean():
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 8, 12, 2), dtype=np.float32)
+    want = x.reshape(3, 2, 4, 3, 4, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(average_pool(x, 4).numpy(), want, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- near zero
+def test_product_form_is_exact_near_zero():
+    """Identical images give exactly 0; near copies agree with direct differences to 1e-4."""
+    rng = np.random.default_rng(1)
+    photos = photographs(128)
+    x = np.concatenate([near_copies(rng, p, [1e-5, 1e-4, 1e-3, 3e-3, 1e-2]) for p in photos[:3]] + [photos[3:]])
+    d = pairwise_tiled_l2(x, grid=4).numpy()
+    ref = reference_tiled(x, x, 4)
+    assert np.abs(d - ref).max() <= 1e-4
+    assert np.abs(d - ref).max() <= distances.TOLERANCE
+    for k in range(3):
+        assert d[7 * k, 7 * k + 1] == 0.0  # the identical copy
+        assert d[7 * k, 7 * k + 2] < 1e-4 and d[7 * k, 7 * k + 2] == pytest.approx(ref[7 * k, 7 * k + 2], abs=1e-7)
+    # a batch against an identical batch: exact zero diagonal, and plain L2 too
+    assert np.all(np.diag(pairwise_tiled_l2(x, x.copy(), grid=4).numpy()) == 0)
+    assert np.all(np.diag(pairwise_l2(x, x.copy()).numpy()) == 0)
+    np.testing.assert_allclose(pairwise_l2(x).numpy(), reference_tiled(x, x, 1), atol=1e-4, rtol=0)
+
+
+def test_clusters_of_copies_are_recomputed_exactly():
+    """Many identical and near-identical images (the refinement path), beside unrelated ones."""
+    rng = np.random.default_rng(2)
+    photos = photographs(32)
+    copies = np.repeat(photos[:1], 12, axis=0)
+    copies[::3] = np.clip(copies[::3] + 1e-4 * rng.standard_normal(copies[::3].shape), 0, 1)
+    x = np.concatenate([copies, photos[1:], np.repeat(photos[1:2], 7, axis=0)])
+    d = pairwise_tiled_l2(x, grid=4).numpy()
+    ref = reference_tiled(x, x, 4)
+    assert np.abs(d - ref).max() <= distances.TOLERANCE
+    identical = ref == 0
+    assert np.array_equal(d == 0, identical)
+    assert identical.sum() > len(x) + 50
+
+
+def test_small_bands_give_the_same_answer(monkeypatch):
+    """Bands smaller than a tile (the memory bound at scale) change nothing beyond rounding."""
+    x = photographs(64)
+    whole = pairwise_tiled_l2(x, x[::-1], grid=2).numpy()
+    monkeypatch.setattr(distances, "CHUNK_BYTES", 64 * 3 * 4 * 12 * 3)  # about 3 image rows of a tile per band
+    assert distances._bands(x.shape, 2, 12).rows_per_band < 32
+    np.testing.assert_allclose(pairwise_tiled_l2(x, x[::-1], grid=2).numpy(), whole, atol=1e-6, rtol=0)
+
+
+def test_inputs_numpy_torch_float64_agree():
+    x = photographs(32)
+    a = pairwise_tiled_l2(x, grid=4)
+    assert a.dtype == torch.float32 and a.device.type == "cpu"
+    assert torch.equal(pairwise_tiled_l2(torch.from_numpy(x), grid=4), a)
+    np.testing.assert_allclose(pairwise_tiled_l2(x.astype(np.float64), grid=4).numpy(), a.numpy(), atol=1e-5)
+    assert torch.equal(pairwise_tiled_l2(x, grid=4, device="cpu"), a)
+    assert pairwise_tiled_l2(x[:0], x, grid=4).shape == (0, len(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_agrees_with_cpu():
+    rng = np.random.default_rng(3)
+    x = np.concatenate([near_copies(rng, p, [1e-4, 1e-3]) for p in photographs(64)])
+    cpu = pairwise_tiled_l2(x, grid=4)
+    gpu = pairwise_tiled_l2(torch.from_numpy(x).cuda(), grid=4)
+    assert gpu.device.type == "cuda"
+    np.testing.assert_allclose(gpu.cpu().numpy(), cpu.numpy(), atol=1e-4, rtol=0)
+    assert torch.all(gpu.diagonal() == 0)
+    np.testing.assert_allclose(pairwise_tiled_l2(x, grid=4, device="cuda", upper=0.05).cpu().numpy() <= 0.05,
+                               cpu.numpy() <= 0.05)
+
+
+# ---------------------------------------------------------------------------- exact pruning
+def pruning_set(size: int = 64) -> np.ndarray:
+    """Photographs, clusters of copies at assorted distances, and singletons: distances from 0 to ~0.5."""
+    rng = np.random.default_rng(4)
+    photos = photographs(size)
+    groups = [near_copies(rng, photos[0], [0.003, 0.01, 0.03, 0.05, 0.08, 0.1, 0.12, 0.15]),
+              near_copies(rng, photos[1], [0.02, 0.04, 0.06, 0.09, 0.11]),
+              near_copies(rng, photos[2], [0.07, 0.2]),
+              np.clip(photos[3:] * 0.9 + 0.05, 0, 1).astype(np.float32),
+              photos[3:]]
+    return np.concatenate(groups)
+
+
+@pytest.mark.parametrize("upper", [0.0, 0.05, 0.1, 0.15])
+def test_pruning_changes_no_edge_at_any_tau_up_to_upper(upper):
+    x = pruning_set()
+    full = pairwise_tiled_l2(x, grid=4).numpy()
+    pruned = pairwise_tiled_l2(x, grid=4, upper=upper).numpy()
+    ref = reference_tiled(x, x, 4)
+    assert np.array_equal(pruned, pruned.T) and np.all(np.diag(pruned) == 0)
+    computed = np.abs(pruned - full) <= 5e-5
+    # pruned pairs: a lower bound, above upper, and so is the true distance
+    assert np.all(pruned[~computed] > upper) and np.all(ref[~computed] > upper)
+    assert np.all(pruned <= ref + 5e-5)
+    assert np.all(computed[ref <= upper + 1e-3])
+    if upper >= 0.1:
+        assert (~computed).sum() > len(x) * (len(x) - 1) * 0.5  # most pairs were pruned
+    # every distinct graph {d <= tau} with tau <= upper: taus midway between consecutive distances
+    levels = np.unique(np.concatenate([[0.0], ref[np.triu_indices(len(x), 1)], [upper + 1.0]]))
+    taus = [(lo + hi) / 2 for lo, hi in zip(levels[:-1], levels[1:]) if (lo + hi) / 2 <= upper and hi - lo > 2e-4]
+    taus.append(upper)
+    assert len(taus) >= (1 if upper == 0 else 5)
+    for tau in taus:
+        if np.any((np.abs(ref - tau) <= 1e-4) & (ref != tau)):  # only `upper` itself can sit near a distance
+            continue
+        want = ref <= tau
+        assert np.array_equal(full <= tau, want)
+        assert np.array_equal(pruned <= tau, want)
+
+
+def test_pruning_two_batches_and_plain_l2():
+    x = pruning_set(32)
+    a, b = x[::2], x[1::2]
+    full = pairwise_tiled_l2(a, b, grid=4).numpy()
+    pruned = pairwise_tiled_l2(a, b, grid=4, upper=0.1).numpy()
+    assert np.array_equal(full <= 0.1, pruned <= 0.1)
+    assert np.all(pruned <= full + 5e-5)
+    assert np.array_equal(pairwise_l2(a, b).numpy() <= 0.08, pairwise_l2(a, b, upper=0.08).numpy() <= 0.08)
+    assert torch.equal(pairwise_tiled_l2(a, b, grid=4, upper=float("inf")), pairwise_tiled_l2(a, b, grid=4))
+
+
+# ---------------------------------------------------------------------------- errors
+def test_check_grid_message():
+    check_grid(32, 4)
+    with pytest.raises(InputError, match=r"^grid 3 does not divide the working size 32; choose a grid that divides it"):
+        check_grid(32, 3)
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(InputError, match="grid must be a positive integer"):
+            check_grid(32, bad)
+    with pytest.raises(InputError, match="grid 3 does not divide the working size 32"):
+        pairwise_tiled_l2(np.zeros((2, 32, 32, 3), np.float32), grid=3)
+    with pytest.raises(InputError, match="grid 4 does not divide the working size 30"):
+        paired_tiled_l2(np.zeros((2, 30, 30, 3), np.float32), np.zeros((2, 30, 30, 3), np.float32), 4)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((32, 32, 3), np.float32), r"a must have shape \(N, H, W, C\).*got shape \(32, 32, 3\)"),
+    (np.zeros((2, 0, 32, 3), np.float32), r"a must have shape"),
+    (np.zeros((2, 8, 8, 3), np.uint8), r"a must hold floats in \[0, 1\], got dtype uint8; divide 8-bit pixels by 255"),
+    (torch.zeros(2, 8, 8, 3, dtype=torch.int64), r"a must hold floats"),
+    (np.full((2, 8, 8, 3), 255.0, np.float32), r"a values must lie in \[0, 1\], got range \[255, 255\]; divide"),
+    (np.full((2, 8, 8, 3), np.nan, np.float32), r"a values must lie in \[0, 1\]"),
+    ([[[[0.0]]]], r"a must be a numpy array or torch tensor"),
+])
+def test_bad_images_raise(bad, message):
+    with pytest.raises(InputError, match=message):
+        pairwise_tiled_l2(bad, grid=1)
+
+
+def test_mismatched_batches_raise():
+    a = np.zeros((2, 8, 8, 3), np.float32)
+    with pytest.raises(InputError, match=r"a holds images of shape \(8, 8, 3\) but b holds \(16, 16, 3\)"):
+        pairwise_l2(a, np.zeros((2, 16, 16, 3), np.float32))
+    with pytest.raises(InputError, match=r"a holds images of shape \(8, 8, 3\) but b holds \(8, 8, 1\)"):
+        paired_l2(a, np.zeros((2, 8, 8, 1), np.float32))
+    with pytest.raises(InputError, match="a holds 2 images but b holds 3"):
+        paired_tiled_l2(a, np.zeros((3, 8, 8, 3), np.float32), 2)
+    with pytest.raises(InputError, match="upper must be a distance >= 0"):
+        pairwise_tiled_l2(a, grid=2, upper=-0.1)
+    with pytest.raises(InputError, match="pool factor 3"):
+        average_pool(a, 3)
+
+
+def test_relative_and_cosine_errors():
+    with pytest.raises(InputError, match=r"d_neighbours must have shape \(2, n\)"):
+        relative_l2(np.zeros(2), np.zeros((3, 4)))
+    with pytest.raises(InputError, match=r"d_target must have shape \(N,\)"):
+        relative_l2(np.zeros((2, 1)), np.zeros((2, 4)))
+    with pytest.raises(InputError, match="alpha must be a number > 0"):
+        relative_l2(np.zeros(2), np.ones((2, 4)), alpha=0)
+    with pytest.raises(InputError, match="NaN"):
+        relative_l2(np.array([np.nan]), np.ones((1, 4)))
+    with pytest.raises(InputError, match=">= 0"):
+        relative_l2(np.array([-0.1]), np.ones((1, 4)))
+    with pytest.raises(InputError, match="x row 1 is an all-zero embedding"):
+        cosine_distance(np.array([[1.0, 0.0], [0.0, 0.0]]))
+    with pytest.raises(InputError, match="x has 2-d embeddings but y has 3-d"):
+        cosine_distance(np.ones((1, 2)), np.ones((1, 3)))
+    with pytest.raises(InputError, match=r"x must have shape \(N, D\)"):
+        cosine_distance(np.ones(3))
