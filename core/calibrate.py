@@ -19,9 +19,11 @@ The ROC curve starts at (0, 0) (nothing selected); its area is the trapezoidal s
 TPR at FPR f is the largest TPR over thresholds whose FPR <= f, without interpolation
 (the convention of low-FPR reporting: with fewer than 1/f negatives it means "with no
 false positive at all"). The threshold a target precision p implies is the most permissive
-threshold whose precision >= p (highest recall among those reaching p); it is the score of
-the last pair it admits, so applying ``score <= t`` to the labelled pairs reproduces exactly
-the precision and recall reported with it.
+threshold whose precision >= p (highest recall among those reaching p). Any t between the
+last score it admits and the next labelled score gives the same counts; the midpoint of that
+gap is reported (the last admitted score itself when every pair is admitted), so applying
+``score <= t`` to the labelled pairs reproduces exactly the precision and recall reported with
+it while leaving the same margin on both sides for pairs not yet labelled.
 """
 
 from __future__ import annotations
@@ -149,8 +151,8 @@ def calibrate(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | n
             targets[float(p)] = None
             continue
         i = int(reach.max())
-        targets[float(p)] = Operating(float(thresholds[i]), int(tp[i]), int(fp[i]), float(precision[i]),
-                                      float(recall[i]), float(fpr[i + 1]))
+        t = float(thresholds[i]) if i == len(thresholds) - 1 else float((thresholds[i] + thresholds[i + 1]) / 2.0)
+        targets[float(p)] = Operating(t, int(tp[i]), int(fp[i]), float(precision[i]), float(recall[i]), float(fpr[i + 1]))
     return Calibration(metric, bool(higher_is_positive), n_pos, n_neg, thresholds, tpr, fpr, precision,
                        recall, tp.astype(np.int64), fp.astype(np.int64), auc, tpr_low, targets)
 

@@ -7,6 +7,7 @@ is started from any folder (Streamlit only reads ``.streamlit/config.toml`` from
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from core.store import Workspace
 APP = Path(__file__).resolve().with_name("app.py")
 
 # Flattened ``section.option`` -> value; equal to .streamlit/config.toml (a test checks it).
-CONFIG: dict[str, str | int | bool] = {
+CONFIG: dict[str, str | int | bool | list[str]] = {
     "server.address": "127.0.0.1",
     "server.port": 8501,
     "server.headless": True,
@@ -37,11 +38,18 @@ CONFIG: dict[str, str | int | bool] = {
     "theme.showWidgetBorder": True,
     "theme.baseRadius": "small",
     "theme.baseFontSize": 14,
+    "theme.headingFontSizes": ["1.75rem", "1.35rem", "1.1rem"],
+    "theme.paddingTop": "1.5rem",
+    "theme.metricValueFontSize": "1.6rem",
 }
 
 
-def _flag_value(value: str | int | bool) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
+def _flag_value(value: str | int | bool | list[str]) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return json.dumps(value)  # Streamlit parses list options given on the command line as JSON
+    return str(value)
 
 
 def command(ws: str | Path, port: int = 8501, host: str = "127.0.0.1", extra_args: Sequence[str] = (),

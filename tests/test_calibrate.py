@@ -31,8 +31,8 @@ def test_hand_computed_curve_for_a_distance():
     # AUC = P(positive closer than negative), ties half: (3 + 3 + 2.5) / 9
     assert c.auc == pytest.approx(8.5 / 9)
     assert c.tpr_at_1pct_fpr == pytest.approx(2 / 3)
-    op = c.targets[0.9]
-    assert op.threshold == pytest.approx(0.02) and op.tp == 2 and op.fp == 0 and op.recall == pytest.approx(2 / 3)
+    op = c.targets[0.9]  # admits 0.01 and 0.02; the next labelled score is 0.05: the gap's midpoint
+    assert op.threshold == pytest.approx(0.035) and op.tp == 2 and op.fp == 0 and op.recall == pytest.approx(2 / 3)
     at = c.at(0.05)
     assert (at.tp, at.fp) == (3, 1) and at.precision == pytest.approx(0.75)
 
@@ -50,8 +50,9 @@ def test_similarity_direction_is_mirrored():
 
 
 def test_unreachable_precision_and_missing_class():
-    c = calibrate([0.1, 0.2, 0.3], [0, 1, 0], metric="l2")
+    c = calibrate([0.1, 0.2, 0.3], [0, 1, 0], metric="l2", precisions=(0.9, 0.3))
     assert c.targets[0.9] is None  # the best precision reachable is 0.5
+    assert c.targets[0.3].threshold == pytest.approx(0.3)  # admits everything: the last score itself
     with pytest.raises(InputError, match="at least one pair labelled a copy"):
         calibrate([0.1, 0.2], [1, 1], metric="l2")
 
@@ -106,5 +107,6 @@ def test_curve_points_match_brute_force(pairs):
             continue
         tp, fp = _brute(scores, y, op.threshold)
         assert (tp, fp) == (op.tp, op.fp) and tp / (tp + fp) >= p - 1e-12
+        assert op.threshold in c.thresholds or not np.any((scores > op.threshold - 1e-12) & (scores < op.threshold + 1e-12))
         looser = c.thresholds[c.thresholds > op.threshold]
         assert all(_brute(scores, y, t)[0] / sum(_brute(scores, y, t)) < p - 1e-12 for t in looser)

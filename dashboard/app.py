@@ -1,0 +1,20 @@
+"""memaudit dashboard: ``streamlit run dashboard/app.py -- WS`` (or ``memaudit dashboard WS``)."""
+
+from __future__ import annotations
+
+import sys
+
+import streamlit as st
+
+from dashboard import ui
+
+st.set_page_config(page_title="memaudit", page_icon=":material/policy:", layout="wide")
+ui.mark_app_run()
+ui.set_workspace_from_args(sys.argv[1:])
+
+page = st.navigation(ui.pages())
+ws = ui.try_workspace()
+if ws is not None:
+    st.sidebar.caption(f"Workspace `{ws.root}`")
+    ui.run_selector(ws)
+page.run()

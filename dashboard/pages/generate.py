@@ -1,0 +1,137 @@
+"""Generate: sample images for a list of prompts in the background (core.generate.generate).
+
+The job runs in a worker thread shared by every browser tab of this workspace; a cancelled or
+interrupted run resumes where it stopped when started again with the same settings (stored
+images are skipped, not redrawn)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core import config, views
+from core.store import Workspace
+from dashboard import ui
+
+PROMPTS_TEXT = "generate_prompts_text"
+SENT = "generate_prompts"  # set by the Training data page
+
+st.title("Generate")
+ws = ui.workspace()
+settings = ws.settings()
+registry = ui.jobs()
+JOB = (str(ws.root), "generate")
+
+if (sent := st.session_state.pop(SENT, None)) is not None:
+    st.session_state[PROMPTS_TEXT] = "\n".join(sent)
+    st.toast(f"{len(sent)} captions from the training set are in the prompt list.")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "estimating…"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h {seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m {seconds % 60:02d}s"
+
+
+job = registry.get(JOB)
+running = job is not None and job.status().running
+
+
+@st.fragment(run_every=1.0 if running else None)
+def job_panel() -> None:
+    job = registry.get(JOB)
+    if job is None:
+        return
+    s = job.status()
+    if s.running:
+        st.session_state["generate_was_running"] = True
+        st.progress(s.fraction, text=f"{s.done} of {s.total or '?'} images · {duration(s.elapsed)} elapsed · "
+                                     f"about {duration(s.eta)} left" + (" · stopping after this batch" if s.state == "stopping" else ""))
+        st.button("Cancel", on_click=job.cancel, disabled=s.state == "stopping", key="generate_cancel",
+                  help="Stops after the batch in flight; everything written so far is kept.")
+        return
+    if st.session_state.pop("generate_was_running", False):
+        st.rerun()  # re-enable the form now that the job has ended
+    r = s.result
+    if s.state == "done":
+        st.success(f"Done: {r.generated} images generated, {r.skipped_existing} already in the workspace, "
+                   f"in {duration(r.seconds)}. Audit them from the Overview page or with `memaudit audit WS`.")
+    elif s.state == "cancelled":
+        st.warning(f"Cancelled after {s.done} of {s.total} images: start again with the same settings to resume.")
+    else:
+        st.error(s.error or "generation failed")
+        if s.traceback:
+            with st.expander("Details"):
+                st.code(s.traceback)
+    st.button("Dismiss", on_click=registry.forget, args=(JOB,), key="generate_dismiss")
+
+
+job_panel()
+
+
+def fill_top(n: int) -> None:
+    from core import training
+
+    captions = [training.prompt_line(cap) for cap, _, _ in training.top_duplicated(ws, n)]
+    st.session_state[PROMPTS_TEXT] = "\n".join(cap for cap in captions if cap)
+
+
+def fill_upload() -> None:
+    f = st.session_state.get("generate_upload")
+    if f is not None:
+        text = f.getvalue().decode("utf-8", errors="replace")
+        st.session_state[PROMPTS_TEXT] = "\n".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+left, right = st.columns([3, 2], gap="large")
+with left:
+    known = views.model_refs(ws)
+    model = st.selectbox("Model: a local diffusers folder or a hub id", known, index=0 if known else None,
+                         accept_new_options=True, placeholder="type a folder path or a hub id",
+                         key="generate_model", persist_state="session")
+    st.text_area("Prompts, one per line (leave empty for an unconditional model)", key=PROMPTS_TEXT, height=220,
+                 persist_state="session")
+    src = st.columns([3, 2, 2], vertical_alignment="bottom")
+    src[0].file_uploader("Or load a text file", type=["txt"], key="generate_upload", on_change=fill_upload)
+    top_n = src[1].number_input("Top-N captions", 1, 100_000, 20, key="generate_top_n", persist_state="session")
+    src[2].button("Use the N most duplicated", on_click=fill_top, args=(int(top_n),), key="generate_fill_top",
+                  help="Captions of the training images with the most near-duplicates (the paper's prompts).")
+with right:
+    d = config.SETTINGS
+    per_prompt = st.number_input("Images per prompt", 1, 100_000, int(settings["per_prompt"]), key="generate_per_prompt",
+                                 help=d["per_prompt"].help)
+    steps = st.number_input("Steps", 1, 1000, int(settings["steps"]), key="generate_steps", help=d["steps"].help)
+    guidance = st.number_input("Guidance", 0.0, 100.0, float(settings["guidance"]), step=0.5, key="generate_guidance",
+                               help=d["guidance"].help)
+    batch = st.number_input("Batch size", 1, 4096, int(settings["batch_size"]), key="generate_batch", help=d["batch_size"].help)
+    seed = st.number_input("First seed", 0, 2**53 - 1, int(settings["seed"]), key="generate_seed", help=d["seed"].help)
+    devices = list(d["device"].choices or ("auto",))
+    device = st.selectbox("Device", devices, index=devices.index(settings["device"]), key="generate_device")
+
+prompts = [line.strip() for line in (st.session_state.get(PROMPTS_TEXT) or "").splitlines() if line.strip()]
+planned = max(1, len(prompts)) * int(per_prompt)
+st.caption(f"{len(prompts) or 'no'} prompt{'s' if len(prompts) != 1 else ''} × {int(per_prompt)} images = {planned} images "
+           f"(seeds {int(seed)}–{int(seed) + int(per_prompt) - 1} for every prompt); images already stored are skipped.")
+
+
+def start() -> None:
+    from core.generate import generate
+
+    root, ref = str(ws.root), (model or "").strip()
+    args = dict(steps=int(steps), guidance=float(guidance), batch_size=int(batch), seed=int(seed), device=device)
+
+    def work(progress, should_stop):
+        return generate(Workspace(root), ref, prompts or None, int(per_prompt), progress=progress,
+                        should_stop=should_stop, **args)
+
+    try:
+        registry.start(JOB, "generate", work)
+    except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
+        st.session_state["generate_error"] = str(e)
+
+
+st.button("Start generating", type="primary", on_click=start, key="generate_start",
+          disabled=running or not (model or "").strip(),
+          help="Runs in the background; you can switch pages while it works.")
+if msg := st.session_state.pop("generate_error", None):
+    st.error(msg)

@@ -1,0 +1,191 @@
+"""What every page shares: the open workspace, the chosen audit run, cached reads, image rendering.
+
+Pages call ``workspace()`` and ``run_id(ws)``: each says in one sentence what is missing and
+stops the page when its input is absent. Caches: ``st.cache_resource`` for shared thread-safe
+objects (the run cache of distance matrices, the background-job registry), ``st.cache_data``
+for serialisable results keyed by what they depend on (immutable run results, image files
+whose names carry their content hash).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import streamlit as st
+
+from core import audit, views
+from core.errors import MemauditError
+from core.store import Workspace
+
+from .jobs import JobRegistry
+
+APP_KEY = "memaudit_app"  # set by app.py on every run
+WS_KEY = "memaudit_workspace"
+RUN_KEY = "memaudit_run"
+ENV_WS = "MEMAUDIT_WORKSPACE"
+
+
+# ---------------------------------------------------------------------------- pages
+def pages() -> list[st.Page]:
+    """The dashboard's pages (paths relative to app.py)."""
+    return [
+        st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", default=True),
+        st.Page("pages/generate.py", title="Generate", icon=":material/auto_awesome:"),
+        st.Page("pages/cliques.py", title="Cliques", icon=":material/hub:"),
+        st.Page("pages/review.py", title="Review", icon=":material/rate_review:"),
+        st.Page("pages/calibrate.py", title="Calibrate", icon=":material/tune:"),
+        st.Page("pages/training.py", title="Training data", icon=":material/photo_library:"),
+        st.Page("pages/export.py", title="Export", icon=":material/download:"),
+    ]
+
+
+# ---------------------------------------------------------------------------- workspace and run
+def set_workspace_from_args(args: Sequence[str]) -> None:
+    """Remember ``streamlit run app.py -- WS`` (or $MEMAUDIT_WORKSPACE) for this session, once."""
+    if WS_KEY not in st.session_state:
+        st.session_state[WS_KEY] = (args[0] if args else None) or os.environ.get(ENV_WS) or None
+
+
+@st.cache_resource(show_spinner=False)
+def _open(path: str) -> Workspace:
+    return Workspace.open(path)
+
+
+def try_workspace() -> Workspace | None:
+    path = st.session_state.get(WS_KEY)
+    if not path:
+        return None
+    try:
+        return _open(str(path))
+    except MemauditError:
+        return None
+
+
+def mark_app_run() -> None:
+    st.session_state[APP_KEY] = True
+
+
+def workspace() -> Workspace:
+    """The session's workspace, or a one-sentence message and a stopped page."""
+    if APP_KEY not in st.session_state:
+        # Streamlit runs a page file on its own, without app.py, when a fresh server's first
+        # visitor opens a page's address: a folder named pages/ beside the main script keeps it
+        # in the old pages-directory mode until st.navigation has been called once. Calling it
+        # here ends that mode; the rerun goes through app.py and lands on the same page.
+        st.navigation(pages(), position="hidden")
+        st.rerun()
+    path = st.session_state.get(WS_KEY)
+    if not path:
+        st.info("No workspace is open: start the dashboard with `memaudit dashboard WS`.")
+        st.stop()
+    try:
+        return _open(str(path))
+    except MemauditError as e:
+        st.error(str(e))
+        st.stop()
+    raise AssertionError("unreachable")
+
+
+def runs(ws: Workspace) -> list[audit.RunInfo]:
+    return audit.list_runs(ws)
+
+
+def run_id(ws: Workspace) -> int:
+    """The audit run chosen in the sidebar (default: the latest), or a message and a stopped page."""
+    known = [r.id for r in runs(ws)]
+    if not known:
+        st.info("This workspace has no audit run yet: run one from the Overview page or with `memaudit audit WS`.")
+        st.stop()
+    chosen = st.session_state.get(RUN_KEY)
+    return chosen if chosen in known else known[-1]
+
+
+def run_selector(ws: Workspace) -> None:
+    """Sidebar choice of audit run; the pages read it through ``run_id``."""
+    infos = runs(ws)
+    if not infos:
+        return
+    ids = [r.id for r in infos][::-1]
+    by_id = {r.id: r for r in infos}
+    if st.session_state.get(RUN_KEY) not in ids:
+        st.session_state[RUN_KEY] = ids[0]
+    st.sidebar.selectbox(
+        "Audit run", ids, key=RUN_KEY,
+        format_func=lambda i: f"run {i} · tau {by_id[i].params.edge_threshold:g} · k {by_id[i].params.min_clique} · "
+                              f"delta {by_id[i].params.delta:g}")
+
+
+# ---------------------------------------------------------------------------- cached reads
+@st.cache_resource(show_spinner=False, max_entries=4)
+def run_cache(root: str, run: int) -> audit.RunCache:
+    """The run's cached distance matrices and neighbours (read-only numpy arrays: safe to share)."""
+    return audit.RunCache(Workspace(root), run)
+
+
+@st.cache_resource(show_spinner=False)
+def jobs() -> JobRegistry:
+    return JobRegistry()
+
+
+@st.cache_data(show_spinner=False, max_entries=2000)
+def image(root: str, relpath: str, min_side: int) -> np.ndarray:
+    """A workspace image enlarged with nearest neighbour to at least ``min_side`` (file names carry a content hash)."""
+    return views.display_image(Workspace(root), relpath, min_side)
+
+
+@st.cache_data(show_spinner=False, max_entries=500)
+def pair(root: str, generation_path: str, training_path: str) -> tuple[np.ndarray, np.ndarray]:
+    return views.pair_arrays(Workspace(root), generation_path, training_path)
+
+
+# ---------------------------------------------------------------------------- rendering
+def show_image(ws: Workspace, relpath: str, width: int, caption: str | None = None, *, fill: bool = False) -> None:
+    """An image at ``width`` CSS pixels (or the column's width with ``fill``); tiny images are first
+    enlarged by an integer factor with nearest neighbour, so their pixels stay visible squares."""
+    try:
+        arr = image(str(ws.root), relpath, width)
+    except MemauditError as e:
+        st.warning(str(e))
+        return
+    st.image(arr, width="stretch" if fill else width, caption=caption, output_format="PNG")  # lossless: copies are judged on pixels
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "–" if not np.isfinite(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def blink_html(a: np.ndarray, b: np.ndarray, size: int, period: float = 1.2, labels: tuple[str, str] = ("generation", "training")) -> str:
+    """Two images stacked, the top one blinking (CSS only, no script)."""
+    ua = views.data_uri(views.upscale_nearest(views_uint8(a), size))
+    ub = views.data_uri(views.upscale_nearest(views_uint8(b), size))
+    return f"""
+<style>
+@keyframes memaudit-blink {{ 0%, 49.9% {{ opacity: 1; }} 50%, 100% {{ opacity: 0; }} }}
+.memaudit-blink {{ position: relative; width: {size}px; height: {size}px; }}
+.memaudit-blink img {{ position: absolute; inset: 0; width: {size}px; height: {size}px; image-rendering: pixelated; }}
+.memaudit-blink .top {{ animation: memaudit-blink {period}s steps(1) infinite; }}
+.memaudit-blink-legend {{ font-size: 12px; color: #6b7280; }}
+</style>
+<div class="memaudit-blink"><img src="{ub}" alt="{labels[1]}"><img class="top" src="{ua}" alt="{labels[0]}"></div>
+<div class="memaudit-blink-legend">alternates {labels[0]} / {labels[1]} every {period / 2:g} s</div>
+"""
+
+
+def views_uint8(a: np.ndarray) -> np.ndarray:
+    from core.images import to_uint8
+
+    return to_uint8(a)
+
+
+def error(e: BaseException) -> None:
+    """A user error as one sentence; anything else with its traceback."""
+    if isinstance(e, MemauditError):
+        st.error(str(e))
+    else:
+        st.exception(e)

@@ -1,0 +1,197 @@
+"""The dashboard in a real browser: a Streamlit server started by the launcher's own command line,
+driven by Debian's Chromium through Playwright. Screenshots of every page land in
+test-artifacts/screenshots/ for a person to look at."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run"]
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+PAGES = {  # url path -> heading
+    "": "Overview", "generate": "Generate", "cliques": "Cliques", "review": "Review",
+    "calibrate": "Calibrate", "training": "Training data", "export": "Export",
+}
+
+if not CHROMIUM.exists():
+    pytest.skip("browser tests need Debian's chromium at /usr/bin/chromium (`make browser` or "
+                "`apt-get install chromium`)", allow_module_level=True)
+playwright = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package (test extra)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from dashboard import launch
+    from dashboard_data import labelled_workspace
+
+    ws, run_id = labelled_workspace(tmp_path_factory)
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "streamlit.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(launch.command(ws.root, port=port), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            try:
+                if urllib.request.urlopen(f"{base}/_stcore/health", timeout=1).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the dashboard did not start:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield base, ws, run_id
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+    pg = context.new_page()
+    yield pg
+    context.close()
+
+
+# Streamlit marks its root with the script's state; idle also means every st.image has loaded.
+IDLE = """() => {
+  const app = document.querySelector('[data-testid="stApp"]');
+  if (!app || app.dataset.testScriptState !== 'notRunning' || app.dataset.testConnectionState !== 'CONNECTED') return false;
+  const boxes = document.querySelectorAll('[data-testid="stImage"]');
+  const imgs = [...document.querySelectorAll('[data-testid="stImage"] img')];
+  return imgs.length === boxes.length && imgs.every(i => i.complete && i.naturalWidth > 0);
+}"""
+
+
+def settle(pg, heading: str) -> None:
+    """Wait for the page's heading, then until Streamlit has finished running the script."""
+    pg.get_by_role("heading", name=heading, exact=True).wait_for(timeout=30_000)
+    pg.wait_for_function(IDLE, timeout=30_000)
+    pg.wait_for_timeout(400)  # charts finish painting
+
+
+def shoot(pg, name: str) -> Path:
+    """A screenshot of the whole page: Streamlit scrolls inside its main block, so the viewport is
+    grown to the content's height for the shot."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    size = pg.viewport_size
+    height = pg.evaluate("() => document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
+    pg.set_viewport_size({"width": size["width"], "height": max(size["height"], min(int(height) + 20, 8000))})
+    pg.wait_for_function(IDLE, timeout=30_000)
+    pg.wait_for_timeout(400)
+    pg.screenshot(path=str(path), full_page=True)
+    pg.set_viewport_size(size)
+    return path
+
+
+def metric_value(pg, label: str) -> str:
+    box = pg.locator('[data-testid="stMetric"]').filter(has=pg.get_by_text(label, exact=True)).first
+    return box.locator('[data-testid="stMetricValue"]').inner_text().strip()
+
+
+def test_a_fresh_server_opened_at_a_page_address(server, page):
+    """The first visitor of a new server arrives at /review, not at the root (a bookmark)."""
+    base, ws, _ = server
+    page.goto(f"{base}/review")
+    settle(page, "Review")
+    page.get_by_role("textbox", name="Reviewer").wait_for(timeout=20_000)
+    nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
+    assert "Training data" in nav and "app" not in nav.split()
+    assert str(ws.root) in page.locator('[data-testid="stSidebar"]').inner_text()
+
+
+def test_every_page_renders_without_error(server, page):
+    base, _, _ = server
+    for path, heading in PAGES.items():
+        page.goto(f"{base}/{path}")
+        settle(page, heading)
+        assert page.locator('[data-testid="stException"]').count() == 0, f"{heading}: {page.inner_text('body')[:2000]}"
+        shot = shoot(page, f"{list(PAGES).index(path) + 1}-{heading.lower().replace(' ', '-')}")
+        assert shot.stat().st_size > 10_000
+
+
+def test_moving_a_slider_recounts(server, page):
+    base, ws, run_id = server
+    page.goto(f"{base}/cliques")
+    settle(page, "Cliques")
+    assert metric_value(page, "Flagged prompts") == "4"
+    slider = page.get_by_role("slider").nth(1)  # k: minimum clique size
+    slider.focus()
+    for _ in range(4):  # k 10 -> 6: the six-copy prompt joins the flagged ones
+        page.keyboard.press("ArrowLeft")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some(m => "
+        "m.innerText.startsWith('Flagged prompts') && m.querySelector('[data-testid=\"stMetricValue\"]').innerText.trim() === '5')",
+        timeout=20_000)
+    settle(page, "Cliques")
+    shoot(page, "3-cliques-k6")
+
+
+def test_labelling_by_click_and_by_key_lands_in_the_database(server, page):
+    from core import labels
+
+    base, ws, run_id = server
+    page.goto(f"{base}/review")
+    settle(page, "Review")
+    page.get_by_role("textbox", name="Reviewer").fill("browser")
+    page.get_by_role("textbox", name="Reviewer").press("Enter")
+    page.get_by_role("button", name=re.compile("^Exact copy")).wait_for(timeout=20_000)
+    settle(page, "Review")
+    assert "reviewer=browser" in page.url  # the name survives a reload
+    first = labels.review_queue(ws, run_id, "browser")[0]
+    page.get_by_role("button", name=re.compile("^Exact copy")).click()
+    deadline = time.monotonic() + 20
+    while not [e for e in labels.label_events(ws) if e.reviewer == "browser"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    mine = [e for e in labels.label_events(ws) if e.reviewer == "browser"]
+    assert [(e.candidate_id, e.label) for e in mine] == [(first.id, "exact_copy")]
+    settle(page, "Review")
+    shoot(page, "4-review-after-label")
+    # key 3 labels the next candidate "not memorized"
+    second = labels.review_queue(ws, run_id, "browser")[0]
+    page.evaluate("() => document.activeElement && document.activeElement.blur()")
+    page.keyboard.press("3")
+    deadline = time.monotonic() + 20
+    while len([e for e in labels.label_events(ws) if e.reviewer == "browser"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    mine = [e for e in labels.label_events(ws) if e.reviewer == "browser"]
+    assert [(e.candidate_id, e.label) for e in mine] == [(first.id, "exact_copy"), (second.id, "not_memorized")]
+    # a reload keeps the reviewer and writes nothing
+    page.reload()
+    settle(page, "Review")
+    assert page.get_by_role("textbox", name="Reviewer").input_value() == "browser"
+    assert len([e for e in labels.label_events(ws) if e.reviewer == "browser"]) == 2

@@ -1,0 +1,329 @@
+"""Every dashboard page through streamlit.testing.v1.AppTest, on real workspaces.
+
+The audited workspace is built once through core (planted copies, real audit, labels by two
+reviewers: tests/dashboard_data.py); tests that write use reviewer names of their own.
+"""
+
+from __future__ import annotations
+
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core import audit, labels, views
+from dashboard import launch, ui
+from dashboard.jobs import Job, JobRegistry
+from dashboard_data import empty_workspace, labelled_workspace, unlabelled_workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "dashboard" / "app.py")
+PAGES = ("overview", "generate", "cliques", "review", "calibrate", "training", "export")
+
+
+def open_app(ws=None, page: str | None = None, path: str | None = None, **state) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state[ui.WS_KEY] = path if path is not None else (str(ws.root) if ws is not None else None)
+    for key, value in state.items():
+        at.session_state[key] = value
+    if page and page != "overview":
+        at.switch_page(f"pages/{page}.py")
+    return at.run()
+
+
+def no_exception(at: AppTest) -> AppTest:
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(elements) -> list[str]:
+    return [str(e.value) for e in elements]
+
+
+def metric(at: AppTest, label: str) -> str:
+    found = [m.value for m in at.metric if m.label == label]
+    assert found, f"no metric {label!r} among {[m.label for m in at.metric]}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return labelled_workspace(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def empty(tmp_path_factory):
+    return empty_workspace(tmp_path_factory.mktemp("empty") / "ws")
+
+
+# ---------------------------------------------------------------------------- missing input
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_without_a_workspace_says_so(page):
+    at = no_exception(open_app(page=page))
+    assert texts(at.info) == ["No workspace is open: start the dashboard with `memaudit dashboard WS`."]
+
+
+def test_a_folder_that_is_no_workspace_is_one_error(tmp_path):
+    at = no_exception(open_app(path=str(tmp_path / "nothing")))
+    assert len(at.error) == 1 and "is not a memaudit workspace" in at.error[0].value
+
+
+@pytest.mark.parametrize("page", ["cliques", "review", "calibrate", "export"])
+def test_pages_that_need_a_run_say_so(empty, page):
+    at = no_exception(open_app(empty, page))
+    assert texts(at.info) == ["This workspace has no audit run yet: run one from the Overview page or with `memaudit audit WS`."]
+
+
+def test_empty_workspace_overview_and_training(empty):
+    at = no_exception(open_app(empty))
+    assert "no audit run yet" in at.info[0].value
+    assert at.button[0].disabled  # nothing to audit
+    at = no_exception(open_app(empty, "training"))
+    assert texts(at.info) == ["No training images yet: add them with `memaudit add-training WS FOLDER`."]
+
+
+def test_calibrate_without_labels_says_so(tmp_path_factory):
+    ws, _ = unlabelled_workspace(tmp_path_factory)
+    at = no_exception(open_app(ws, "calibrate"))
+    assert texts(at.info) == ["No labels yet: label candidates on the Review page first (unsure labels and ties do not count)."]
+
+
+# ---------------------------------------------------------------------------- overview
+def test_overview_numbers_come_from_the_run(planted):
+    ws, run_id = planted
+    ov = views.overview(ws, run_id)
+    at = no_exception(open_app(ws))
+    assert metric(at, "Flagged prompts") == str(ov.flagged_prompts) == "4"
+    assert metric(at, "Extracted prompts") == str(ov.extracted_prompts) == "3"
+    assert metric(at, "Generations") == str(ov.generations)
+    assert metric(at, "Labelled") == str(ov.labelled_candidates)
+    assert metric(at, "Reviewers") == "2"
+    kappa, n = ov.kappa[("alice", "bob")]
+    assert metric(at, "Cohen's kappa") == f"{kappa:.2f}"
+    assert len(at.get("plotly_chart")) == 2  # Figure 5 and the clique-size distribution
+    assert at.sidebar.selectbox[0].value == run_id
+
+
+# ---------------------------------------------------------------------------- cliques
+def test_cliques_recount_when_a_slider_moves(planted):
+    ws, run_id = planted
+    params = audit.run_params(ws, run_id)
+    at = no_exception(open_app(ws, "cliques"))
+    assert metric(at, "Flagged prompts") == "4" and metric(at, "Extracted prompts") == "3"
+    # the first prompt's largest group is shown with its generations and nearest training images
+    assert at.expander and at.expander[0].label.startswith("Group 1: ")
+    assert len(at.get("image")) > 0
+    # lower k to 6: the six-copy prompt is flagged too, from the cache
+    at.slider(key=f"cliques_k_{run_id}").set_value(6).run()
+    no_exception(at)
+    assert metric(at, "Flagged prompts") == "5"
+    # a tiny tau breaks every clique
+    at.select_slider(key=f"cliques_tau_{run_id}").set_value(0.01).run()
+    assert metric(at, "Flagged prompts") == "0"
+    # a tiny delta keeps the cliques but extracts nothing
+    at.select_slider(key=f"cliques_tau_{run_id}").set_value(params.edge_threshold).run()
+    at.slider(key=f"cliques_delta_{run_id}").set_value(0.0).run()
+    assert metric(at, "Extracted prompts") == "0" and metric(at, "Flagged prompts") == "5"
+
+
+def test_cliques_filters(planted):
+    ws, run_id = planted
+    at = no_exception(open_app(ws, "cliques"))
+    all_rows = len(at.dataframe[0].value)
+    at.button_group(key=f"cliques_filters_{run_id}").set_value(["flagged"]).run()
+    no_exception(at)
+    assert len(at.dataframe[0].value) == 4 < all_rows
+    at.button_group(key=f"cliques_filters_{run_id}").set_value(["flagged", "unlabelled"]).run()
+    assert texts(at.info) == ["No prompt matches these filters at these thresholds."]
+
+
+# ---------------------------------------------------------------------------- review
+def test_review_needs_a_reviewer(planted):
+    ws, _ = planted
+    at = no_exception(open_app(ws, "review"))
+    assert texts(at.info) == ["Enter your name as reviewer to start labelling: every label is stored with it."]
+
+
+def test_review_label_is_written_once_and_undone(planted):
+    ws, run_id = planted
+    at = no_exception(open_app(ws, "review"))
+    at.text_input(key="reviewer").input("carol").run()
+    no_exception(at)
+    first = labels.review_queue(ws, run_id, "carol")[0]
+    assert metric(at, "L2") == f"{first.l2:.4f}"
+    at.text_input(key=f"review_note_{first.id}").input("same pose").run()
+    at.button(key=f"review_label_{first.id}_exact_copy").click().run()
+    no_exception(at)
+    mine = [e for e in labels.label_events(ws) if e.reviewer == "carol"]
+    assert [(e.candidate_id, e.label, e.note) for e in mine] == [(first.id, "exact_copy", "same pose")]
+    at.run()  # a plain rerun writes nothing
+    assert len([e for e in labels.label_events(ws) if e.reviewer == "carol"]) == 1
+    # the queue moved on to the next candidate
+    assert f"review_label_{first.id}_exact_copy" not in [b.key for b in at.button]
+    assert labels.review_queue(ws, run_id, "carol")[0].id != first.id
+    at.button(key="review_undo").click().run()
+    no_exception(at)
+    mine = [e for e in labels.label_events(ws) if e.reviewer == "carol"]
+    assert len(mine) == 2 and mine[1].undoes == mine[0].id
+    assert labels.review_queue(ws, run_id, "carol")[0].id == first.id
+
+
+def test_review_blind_mode_hides_metric_values(planted):
+    ws, _ = planted
+    at = no_exception(open_app(ws, "review"))
+    at.text_input(key="reviewer").input("dave").run()
+    assert any(m.label == "L2" for m in at.metric)
+    at.toggle(key="review_blind").set_value(True).run()
+    no_exception(at)
+    assert not at.metric
+    assert not any("alice" in c.value for c in at.caption)  # other reviewers' labels are hidden too
+
+
+def test_review_buttons_have_keyboard_shortcuts(planted):
+    ws, _ = planted
+    at = no_exception(open_app(ws, "review"))
+    at.text_input(key="reviewer").input("erin").run()
+    shortcuts = {b.label: b.proto.shortcut.upper() for b in at.button}
+    assert shortcuts["Exact copy"] == "1" and shortcuts["Near copy"] == "2"
+    assert shortcuts["Not memorized"] == "3" and shortcuts["Unsure"] == "4" and shortcuts["Undo"] == "U"
+
+
+# ---------------------------------------------------------------------------- calibrate
+def test_calibrate_shows_curves_and_adopts_a_threshold(planted):
+    ws, run_id = planted
+    before = ws.get_setting("delta")
+    try:
+        at = no_exception(open_app(ws, "calibrate"))
+        assert len(at.get("plotly_chart")) == 4  # distribution, precision at rank, ROC, PR
+        table = at.dataframe[0].value
+        assert "TPR at 1% FPR" in table.columns and "normalised L2" in list(table["metric"])
+        adopt = at.button(key="adopt")
+        assert adopt.label.startswith("Adopt delta = ")
+        value = float(adopt.label.split("= ")[1].split(" ")[0])
+        adopt.click().run()
+        no_exception(at)
+        assert ws.get_setting("delta") == pytest.approx(value)
+        assert any("is now the workspace default" in s.value for s in at.success)
+    finally:
+        ws.set_setting("delta", before)
+
+
+# ---------------------------------------------------------------------------- training and generate
+def test_training_sends_captions_to_generate(planted):
+    ws, _ = planted
+    at = no_exception(open_app(ws, "training"))
+    assert metric(at, "Images") == str(ws.counts()["training_images"])
+    at.button(key="training_send").click().run()
+    no_exception(at)
+    assert at.title[0].value == "Generate"
+    prompts = at.text_area(key="generate_prompts_text").value.splitlines()
+    assert prompts and all(p.startswith("a photo of ") for p in prompts)
+
+
+def test_generate_shows_a_bad_model_as_one_message(planted, tmp_path):
+    ws, _ = planted
+    # a typed model path (a new option of the selectbox) is set the way the browser sets it: in the widget state
+    at = no_exception(open_app(ws, "generate", generate_model=str(tmp_path), generate_prompts_text="a photo of coffee"))
+    assert at.selectbox(key="generate_model").value == str(tmp_path)
+    at.button(key="generate_start").click().run()
+    no_exception(at)
+    job = ui.jobs().get((str(ws.root), "generate"))
+    job.join(60)
+    at.run()
+    errors = texts(at.error)
+    assert len(errors) == 1 and "is not a diffusers model folder" in errors[0]
+    at.button(key="generate_dismiss").click().run()
+    assert not at.error
+
+
+def test_job_progress_eta_and_cancel():
+    ticks = iter([0.0, 0.0, 10.0, 20.0, 20.0, 30.0, 30.0, 30.0])
+    started = []
+
+    def work(progress, should_stop):
+        progress(4, 10)            # resumed: 4 already there, reported at once
+        started.append(True)
+        while not should_stop():
+            time.sleep(0.01)
+        return "stopped"
+
+    job = Job("test", work, clock=lambda: next(ticks, 30.0))
+    job.start()
+    while not started:
+        time.sleep(0.01)
+    job._progress(6, 10)          # 2 images in 10 s -> 4 left at 0.2/s = 20 s
+    s = job.status()
+    assert s.running and s.done == 6 and s.eta == pytest.approx(20.0)
+    job.cancel()
+    job.join(5)
+    s = job.status()
+    assert s.state == "cancelled" and s.result == "stopped" and not s.running
+
+
+def test_registry_refuses_a_second_job_and_reports_errors():
+    from core.errors import InputError, MemauditError
+
+    reg = JobRegistry()
+    gate = []
+
+    def slow(progress, should_stop):
+        while not gate:
+            time.sleep(0.01)
+
+    reg.start("k", "generate", slow)
+    with pytest.raises(MemauditError, match="already running"):
+        reg.start("k", "generate", slow)
+    gate.append(1)
+    reg.get("k").join(5)
+
+    def bad(progress, should_stop):
+        raise InputError("one clear sentence")
+
+    reg.start("k", "generate", bad).join(5)
+    s = reg.get("k").status()
+    assert s.state == "failed" and s.error == "one clear sentence" and s.traceback is None
+    reg.forget("k")
+    assert reg.get("k") is None
+
+
+# ---------------------------------------------------------------------------- export
+def test_export_offers_three_downloads(planted):
+    ws, _ = planted
+    at = no_exception(open_app(ws, "export"))
+    buttons = at.get("download_button")
+    assert [b.proto.label for b in buttons] == ["Download JSON", "Download CSV", "Download HTML report"]
+
+
+# ---------------------------------------------------------------------------- launcher and config
+def test_launcher_flags_equal_the_config_file(tmp_path):
+    cfg = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    flat = {f"{section}.{name}": value for section, options in cfg.items() for name, value in options.items()}
+    assert flat == launch.CONFIG
+    assert flat["server.address"] == "127.0.0.1" and flat["browser.gatherUsageStats"] is False
+    assert flat["server.enableXsrfProtection"] is True and flat["server.headless"] is True
+
+
+def test_launcher_command(tmp_path):
+    ws = empty_workspace(tmp_path / "ws")
+    cmd = launch.command(ws.root, port=9123, host="127.0.0.1")
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]) == launch.APP and launch.APP.is_file()
+    assert "--server.port=9123" in cmd and "--server.address=127.0.0.1" in cmd
+    assert "--browser.gatherUsageStats=false" in cmd
+    assert cmd[-2:] == ["--", str(ws.root)]
+
+
+def test_launcher_refuses_a_taken_port_and_a_missing_workspace(tmp_path):
+    import socket
+
+    from core.errors import InputError, WorkspaceError
+
+    with pytest.raises(WorkspaceError):
+        launch.launch(tmp_path / "nope")
+    ws = empty_workspace(tmp_path / "ws")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(InputError, match="already in use"):
+            launch.launch(ws.root, port=s.getsockname()[1])
