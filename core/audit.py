@@ -249,7 +249,10 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
                 dist = pairwise_tiled_l2(images, grid=params.grid).cpu().numpy().astype(np.float32)
                 np.fill_diagonal(dist, 0.0)
                 np.save(cache / f"prompt-{pid}.npy", dist)
-                groups = clique_groups(dist, params.edge_threshold, params.group_min_size, params.max_groups)
+                # the largest clique is always kept (even of size 1: every prompt gets a candidate, so
+                # Figure 5 can attribute it); further groups only down to group_min_size
+                groups = clique_groups(dist, params.edge_threshold, 1, params.max_groups)
+                groups = groups[:1] + [g for g in groups[1:] if g.size >= params.group_min_size]
                 _fill_curve(dist, p_index, base, curve_size, curve_medoid, curve_mean)
             results.append((pid, gens, groups, base, l2, tiled, rel, ids, sim))
 

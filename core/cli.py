@@ -260,12 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workspace", help="workspace folder to create")
 
     p = add("add-training", cmd_add_training, "Ingest a folder of training images (recursive; png/jpg/webp), index them and count near-duplicates.")
-    p.add_argument("workspace")
+    p.add_argument("workspace", help="workspace folder")
     p.add_argument("folder", help="folder of training images")
     p.add_argument("--captions", help="CSV (file,caption) or JSONL captions file")
 
     p = add("generate", cmd_generate, "Generate images with a diffusers pipeline, one seed per image; resumable.")
-    p.add_argument("workspace")
+    p.add_argument("workspace", help="workspace folder")
     p.add_argument("--model", required=True, help="local diffusers directory, or a hub id (needs network)")
     p.add_argument("--prompts", help="text file with one prompt per line (omit for unconditional models)")
     for name, flag in (("per_prompt", "--per-prompt"), ("steps", None), ("guidance", None), ("batch_size", "--batch-size"),
@@ -273,63 +273,63 @@ def build_parser() -> argparse.ArgumentParser:
         _setting_flag(p, name, flag)
 
     p = add("import-generations", cmd_import, "Import generations made elsewhere from a manifest (CSV or JSONL: path,prompt[,seed]; paths relative to the manifest).")
-    p.add_argument("workspace")
-    p.add_argument("manifest")
+    p.add_argument("workspace", help="workspace folder")
+    p.add_argument("manifest", help="CSV or JSONL manifest")
 
     p = add("audit", cmd_audit, "Find clique groups per prompt, verify them against the training set, store an audit run.")
-    p.add_argument("workspace")
+    p.add_argument("workspace", help="workspace folder")
     for name in AUDIT_SETTINGS:
         _setting_flag(p, name)
 
     p = add("export", cmd_export, "Export an audit run (JSON: everything; CSV: one row per candidate).")
-    p.add_argument("workspace")
-    p.add_argument("--format", choices=("json", "csv"), default="json")
+    p.add_argument("workspace", help="workspace folder")
+    p.add_argument("--format", choices=("json", "csv"), default="json", help="json: the whole run; csv: one row per candidate")
     p.add_argument("--out", required=True, help="output file, or - for standard output")
     p.add_argument("--run", type=int, help="audit run id (default: the latest)")
 
     p = add("label", cmd_label, "Label a candidate by hand (the same action as the dashboard's label buttons).")
-    p.add_argument("workspace")
-    p.add_argument("candidate_id", type=int)
-    p.add_argument("label", choices=("exact_copy", "near_copy", "not_memorized", "unsure"))
-    p.add_argument("--reviewer", required=True)
-    p.add_argument("--note", default="")
+    p.add_argument("workspace", help="workspace folder")
+    p.add_argument("candidate_id", type=int, help="candidate id (see `memaudit export` or the dashboard)")
+    p.add_argument("label", choices=("exact_copy", "near_copy", "not_memorized", "unsure"), help="the judgement")
+    p.add_argument("--reviewer", required=True, help="who labels (kept with every event)")
+    p.add_argument("--note", default="", help="free text kept with the label")
 
     p = add("undo", cmd_undo, "Undo a reviewer's latest label (appends an undo event).")
-    p.add_argument("workspace")
-    p.add_argument("--reviewer", required=True)
+    p.add_argument("workspace", help="workspace folder")
+    p.add_argument("--reviewer", required=True, help="whose latest label to undo")
 
     p = add("duplicates", cmd_duplicates, "List the most duplicated training images and write their captions as a prompts file (the paper's prompt selection).")
-    p.add_argument("workspace")
-    p.add_argument("--top", type=int, default=100)
+    p.add_argument("workspace", help="workspace folder")
+    p.add_argument("--top", type=int, default=100, help="how many duplicate groups (default 100)")
     p.add_argument("--out", help="write the captions here, one per line")
 
     p = add("runs", cmd_runs, "List the workspace's audit runs with their parameters and counts.")
-    p.add_argument("workspace")
+    p.add_argument("workspace", help="workspace folder")
 
     p = add("status", cmd_status, "Show what the workspace holds.")
-    p.add_argument("workspace")
+    p.add_argument("workspace", help="workspace folder")
 
     p = add("settings", cmd_settings, "Show the workspace's settings, or set one (NAME VALUE).")
-    p.add_argument("workspace")
-    p.add_argument("name", nargs="?")
-    p.add_argument("value", nargs="?")
+    p.add_argument("workspace", help="workspace folder")
+    p.add_argument("name", nargs="?", help="setting to set")
+    p.add_argument("value", nargs="?", help="its new value")
 
     p = add("backup", cmd_backup, "Make a consistent copy of a live workspace (SQLite online backup plus the files it names).")
-    p.add_argument("workspace")
+    p.add_argument("workspace", help="workspace folder")
     p.add_argument("out", help="new, empty folder for the copy")
 
     p = add("verify", cmd_verify, "Check the database's integrity and that every file it names exists; exit 1 if not.")
-    p.add_argument("workspace")
+    p.add_argument("workspace", help="workspace folder")
 
     p = add("dashboard", cmd_dashboard, "Start the review dashboard (Streamlit) on a workspace.")
-    p.add_argument("workspace")
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("workspace", help="workspace folder")
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; anything else exposes the training set)")
 
     p = add("demo", cmd_demo, "Build the embedded demo workspace (shipped data and model), or `demo train` to retrain the shipped model.")
     p.add_argument("workspace", nargs="?", default=DEFAULT_DEMO_WS, help=f"workspace folder (default {DEFAULT_DEMO_WS}), or 'train'")
     p.add_argument("--open", action="store_true", help="start the dashboard on the result")
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--port", type=int, default=8501, help="dashboard port with --open (default 8501)")
     p.add_argument("--train-steps", type=int, default=None, help="with `demo train`: training steps")
     p.add_argument("--seed", type=int, default=0, help="with `demo train`: training seed")
     return parser

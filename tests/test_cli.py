@@ -81,7 +81,7 @@ def test_every_subcommand_has_complete_help():
     for name, p in sub.choices.items():
         assert p.description, name
         for action in p._actions:
-            if action.dest not in ("help", "workspace", "folder", "manifest", "candidate_id", "label", "name", "value"):
+            if action.dest != "help":
                 assert action.help, f"{name} {action.dest}"
     audit_flags = {o for a in sub.choices["audit"]._actions for o in a.option_strings}
     assert {"--edge-threshold", "--min-clique", "--grid", "--delta", "--neighbours", "--embedder", "--json"} <= audit_flags
