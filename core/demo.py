@@ -16,9 +16,8 @@ from typing import Any
 
 from .store import Workspace
 
-# Chosen so that the whole demo finishes in a few minutes on 2 CPU cores (see assets/README.md).
-DEMO_PER_PROMPT = 16
-DEMO_STEPS = 20
+from .demo_data import DEMO_GUIDANCE, DEMO_PER_PROMPT, DEMO_STEPS
+
 DEMO_BATCH = 64
 DEMO_SEED = 0
 DEMO_AUDIT = {"edge_threshold": 0.1, "min_clique": 10, "grid": 4, "delta": 0.15}
@@ -65,7 +64,7 @@ def build_demo(root: str | Path, *, progress: bool = True, per_prompt: int = DEM
     seconds["ingest"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    report = generate(ws, str(DEMO_MODEL_DIR), read_prompts(DEMO_PROMPTS), per_prompt, steps=steps, guidance=1.0,
+    report = generate(ws, str(DEMO_MODEL_DIR), read_prompts(DEMO_PROMPTS), per_prompt, steps=steps, guidance=DEMO_GUIDANCE,
                       batch_size=DEMO_BATCH, seed=DEMO_SEED, device=device)
     seconds["generate"] = time.perf_counter() - t
 

@@ -1,0 +1,37 @@
+"""The embedded demo end to end: the shipped model's audit finds what it memorised, and only that."""
+
+import csv
+
+import pytest
+
+from core import audit
+from core.demo import build_demo
+from core.demo_data import DEMO_SOURCES
+from core.store import Workspace
+
+
+def _copies_by_caption() -> dict[str, int]:
+    out: dict[str, int] = {}
+    with open(DEMO_SOURCES, newline="") as f:
+        for row in csv.DictReader(f):
+            out[row["caption"]] = max(out.get(row["caption"], 0), int(row["copies"]))
+    return out
+
+
+@pytest.mark.slow
+def test_demo_flags_duplicated_images_and_not_novel_ones(tmp_path):
+    result = build_demo(tmp_path / "demo", progress=False)
+    copies = _copies_by_caption()
+    rows = {r.prompt: r for r in audit.prompt_results(Workspace.open(result.workspace), result.run_id)}
+    assert set(rows) == set(copies)
+    by_level: dict[int, list] = {}
+    for caption, r in rows.items():
+        by_level.setdefault(copies[caption], []).append(r)
+    hundred = by_level[100]
+    assert all(r.flagged and r.extracted for r in hundred), [r.prompt for r in hundred if not r.extracted]
+    assert all(r.best_l2 is not None and r.best_l2 < 0.1 for r in hundred)
+    singles = by_level[1]
+    assert sum(r.flagged for r in singles) <= len(singles) // 4, [r.prompt for r in singles if r.flagged]
+    # a rerun reuses everything: no new generations, the same audit run
+    again = build_demo(tmp_path / "demo", progress=False)
+    assert again.run_id == result.run_id
