@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import streamlit as st
 
-from dashboard import ui
+try:
+    from dashboard import ui
+except ImportError:  # `streamlit run dashboard/app.py` from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dashboard import ui
 
 st.set_page_config(page_title="memaudit", page_icon=":material/policy:", layout="wide")
 ui.mark_app_run()

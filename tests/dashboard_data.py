@@ -50,7 +50,12 @@ def _extra_manifest(root: Path, seed: int = 1) -> Path:
 
 
 def truth_of(candidate) -> str:
-    return EXTRA_PROMPTS.get(candidate.prompt, "exact_copy")
+    """What a careful reviewer says of a candidate, by the way its prompt's images were made."""
+    from workspaces import FLAGGED
+
+    if candidate.prompt in EXTRA_PROMPTS:
+        return EXTRA_PROMPTS[candidate.prompt]
+    return "exact_copy" if candidate.prompt in FLAGGED or candidate.prompt == "six copies" else "not_memorized"
 
 
 def audited_workspace(root: Path):
@@ -65,7 +70,7 @@ def audited_workspace(root: Path):
 
 
 def labelled_workspace(tmp_path_factory: pytest.TempPathFactory):
-    """The shared labelled workspace; tests that label use reviewer names of their own."""
+    """The shared labelled workspace, read-only: tests that write use ``labelled_copy``."""
     if "ws" not in _BUILT:
         from core import audit, labels
         from core.store import Workspace
@@ -82,6 +87,16 @@ def labelled_workspace(tmp_path_factory: pytest.TempPathFactory):
             labels.add_label(ws, c.id, bob, "bob")
         _BUILT["ws"] = (ws, run_id)
     return _BUILT["ws"]
+
+
+def labelled_copy(tmp_path_factory: pytest.TempPathFactory, name: str):
+    """A private copy of the shared labelled workspace, for tests that write labels or settings."""
+    from core.store import Workspace
+
+    ws, run_id = labelled_workspace(tmp_path_factory)
+    copy = tmp_path_factory.mktemp(name) / "ws"
+    shutil.copytree(ws.root, copy)
+    return Workspace.open(copy), run_id
 
 
 def unlabelled_workspace(tmp_path_factory: pytest.TempPathFactory):

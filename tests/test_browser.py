@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -41,9 +42,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from dashboard import launch
-    from dashboard_data import labelled_workspace
+    from dashboard_data import labelled_copy
 
-    ws, run_id = labelled_workspace(tmp_path_factory)
+    ws, run_id = labelled_copy(tmp_path_factory, "browser")
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "streamlit.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -195,3 +196,35 @@ def test_labelling_by_click_and_by_key_lands_in_the_database(server, page):
     settle(page, "Review")
     assert page.get_by_role("textbox", name="Reviewer").input_value() == "browser"
     assert len([e for e in labels.label_events(ws) if e.reviewer == "browser"]) == 2
+
+
+def test_streamlit_run_app_py_from_a_checkout(server, browser, tmp_path):
+    """`streamlit run dashboard/app.py -- WS` from the repository root (its .streamlit/config.toml applies)."""
+    _, ws, _ = server
+    port = free_port()
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", f"--server.port={port}",
+                                 "--", str(ws.root)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"{base}/_stcore/health", timeout=1).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.2)
+        context = browser.new_context()
+        pg = context.new_page()
+        pg.goto(f"{base}/training")
+        settle(pg, "Training data")
+        assert metric_value(pg, "Images") == "8"
+        assert str(ws.root) in pg.locator('[data-testid="stSidebar"]').inner_text()
+        context.close()
+        assert "127.0.0.1" in (tmp_path / "log").read_text()  # the checkout's config binds to loopback
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 from core import audit, labels, views
 from dashboard import launch, ui
 from dashboard.jobs import Job, JobRegistry
-from dashboard_data import empty_workspace, labelled_workspace, unlabelled_workspace
+from dashboard_data import empty_workspace, labelled_copy, unlabelled_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "dashboard" / "app.py")
@@ -50,7 +50,7 @@ def metric(at: AppTest, label: str) -> str:
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    return labelled_workspace(tmp_path_factory)
+    return labelled_copy(tmp_path_factory, "dashboard-pages")
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +224,9 @@ def test_training_sends_captions_to_generate(planted):
 
 def test_generate_shows_a_bad_model_as_one_message(planted, tmp_path):
     ws, _ = planted
-    # a typed model path (a new option of the selectbox) is set the way the browser sets it: in the widget state
-    at = no_exception(open_app(ws, "generate", generate_model=str(tmp_path), generate_prompts_text="a photo of coffee"))
-    assert at.selectbox(key="generate_model").value == str(tmp_path)
+    at = no_exception(open_app(ws, "generate"))
+    at.text_input(key="generate_model").input(str(tmp_path)).run()
+    at.text_area(key="generate_prompts_text").input("a photo of coffee").run()
     at.button(key="generate_start").click().run()
     no_exception(at)
     job = ui.jobs().get((str(ws.root), "generate"))
@@ -236,6 +236,25 @@ def test_generate_shows_a_bad_model_as_one_message(planted, tmp_path):
     assert len(errors) == 1 and "is not a diffusers model folder" in errors[0]
     at.button(key="generate_dismiss").click().run()
     assert not at.error
+
+
+def test_generate_runs_in_the_background_and_resumes(tiny_unconditional, tmp_path):
+    ws = empty_workspace(tmp_path / "ws")
+    state = dict(generate_per_prompt=3, generate_steps=2, generate_batch=2, generate_device="cpu")
+    at = no_exception(open_app(ws, "generate", **state))
+    at.text_input(key="generate_model").input(str(tiny_unconditional)).run()
+    assert "3 images (seeds 0–2 for every prompt)" in at.caption[0].value
+    for expected in ("Done: 3 images generated, 0 already in the workspace",
+                     "Done: 0 images generated, 3 already in the workspace"):  # the second start resumes: nothing left
+        at.button(key="generate_start").click().run()
+        job = ui.jobs().get((str(ws.root), "generate"))
+        job.join(120)
+        at.run()
+        no_exception(at)
+        assert any(s.value.startswith(expected) for s in at.success), texts(at.success) + texts(at.error)
+    assert ws.counts()["generations"] == 3
+    # the model is now offered as one used in this workspace
+    assert at.button_group(key="generate_known").options
 
 
 def test_job_progress_eta_and_cancel():

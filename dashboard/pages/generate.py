@@ -86,9 +86,16 @@ def fill_upload() -> None:
 left, right = st.columns([3, 2], gap="large")
 with left:
     known = views.model_refs(ws)
-    model = st.selectbox("Model: a local diffusers folder or a hub id", known, index=0 if known else None,
-                         accept_new_options=True, placeholder="type a folder path or a hub id",
-                         key="generate_model", persist_state="session")
+    if "generate_model" not in st.session_state and known:
+        st.session_state["generate_model"] = known[0]
+    model = st.text_input("Model: a local diffusers folder or a hub id", key="generate_model", persist_state="session",
+                          placeholder="/path/to/model or org/name")
+    if known:
+        def use_known() -> None:
+            if st.session_state.get("generate_known"):
+                st.session_state["generate_model"] = st.session_state["generate_known"]
+
+        st.pills("Models used in this workspace", known, key="generate_known", on_change=use_known)
     st.text_area("Prompts, one per line (leave empty for an unconditional model)", key=PROMPTS_TEXT, height=220,
                  persist_state="session")
     src = st.columns([3, 2, 2], vertical_alignment="bottom")
