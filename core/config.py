@@ -51,6 +51,10 @@ _SETTINGS = [
             "After the largest clique, further disjoint clique groups are reported down to this size, "
             "so a prompt that copies two training images shows both.", 2, None),
     Setting("max_groups", 10, int, "At most this many clique groups are reported per prompt.", 1, None),
+    Setting("clique_node_budget", 500_000, int,
+            "Search steps allowed for the exact largest cliques of one prompt's graph (roughly 10 s on 2 CPU "
+            "cores). Realistic graphs need a few thousand; past the budget the search stops with a message "
+            "(the graph is unusually dense: tau is probably too high).", 1, None),
     Setting("grid", 4, int,
             "G: tiled L2 splits each image into a G x G grid of tiles and takes the maximum over tile "
             "positions of the normalised L2. G must divide the working size.", 1, 64),
