@@ -33,11 +33,11 @@ METRIC_NAMES = {
 
 def _layout(fig: "go.Figure", title: str, x: str, y: str, height: int = 320) -> "go.Figure":
     fig.update_layout(
-        title=dict(text=title, x=0.0, xanchor="left", font=dict(size=14)),
+        title=dict(text=title, x=0.0, xanchor="left", y=0.98, yref="container", yanchor="top", font=dict(size=14)),
         xaxis_title=x, yaxis_title=y, height=height,
-        margin=dict(l=56, r=16, t=40, b=48),
+        margin=dict(l=56, r=16, t=60, b=48),
         template="plotly_white", font=dict(size=12),
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+        legend=dict(orientation="h", yanchor="bottom", y=1.01, xanchor="right", x=1.0),
         bargap=0.15,
     )
     return fig
@@ -101,7 +101,7 @@ def extraction_rate_by_duplicates(bins: Sequence[tuple[str, int, int]], *, delta
 
     title = "Extraction rate by training duplicate count"
     if not bins or sum(n for _, n, _ in bins) == 0:
-        return _empty(title, "no training images yet")
+        return _empty(title, "no audited prompt with a clique yet")
     labels = [b[0] for b in bins]
     n = np.array([b[1] for b in bins], dtype=np.float64)
     e = np.array([b[2] for b in bins], dtype=np.float64)

@@ -29,6 +29,8 @@ h1 { font-size: 1.5rem; margin: 0 0 4px; } h2 { font-size: 1.15rem; margin: 28px
 td, th { padding: 4px 10px; border-bottom: 1px solid #e5e7eb; text-align: left; vertical-align: top; }
 th { font-weight: 600; background: #f0f1f2; } .num { text-align: right; }
 .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(480px, 1fr)); gap: 12px; }
+.grid > div { min-width: 0; }
+.pair { white-space: nowrap; min-width: 270px; }
 .pair img { image-rendering: pixelated; width: 128px; height: 128px; object-fit: contain; background: #eee; margin-right: 4px; }
 .tag { display: inline-block; padding: 0 6px; border-radius: 3px; font-size: 12px; }
 .yes { background: #f4dfd9; color: #7a2e1c; } .no { background: #e2e9f0; color: #2d4a66; }
@@ -36,7 +38,7 @@ th { font-weight: 600; background: #f0f1f2; } .num { text-align: right; }
 
 
 def _fig_html(fig: "go.Figure", first: bool) -> str:
-    return fig.to_html(full_html=False, include_plotlyjs=True if first else False,
+    return fig.to_html(full_html=False, include_plotlyjs=True if first else False, default_width="100%",
                        config={"displaylogo": False, "responsive": True})
 
 
@@ -77,8 +79,9 @@ def build_report(ws: Workspace, run_id: int | None = None, *, top: int = 40, thu
             title="Nearest-training L2 of candidates, by human label")))
         figs.append(("Figure 4", figures.precision_at_rank(precision_at_rank(scores.truth))))
     md = scores.metrics["mean_distance"]
+    pairs = scores.metrics["clique_size"] >= 2  # a single generation has no distance inside its clique
     figs.append(("Figure 4", figures.distance_distributions(
-        md[scores.extracted], md[~scores.extracted], metric="mean_distance",
+        md[scores.extracted & pairs], md[~scores.extracted & pairs], metric="mean_distance",
         positive_name=f"extracted (l2 <= {params.delta:g})", negative_name="not extracted",
         title="Attack score of candidates, by the l2 <= delta criterion")))
     if calibrations:
@@ -135,6 +138,9 @@ def build_report(ws: Workspace, run_id: int | None = None, *, top: int = 40, thu
             f"<td class='num'>{_fmt(c.tiled_l2)}</td><td>{verdict}</td>"
             f"<td>{html.escape(', '.join(f'{r}: {lab}' for r, lab in sorted(labs.items())))}</td></tr>")
     parts.append("</table>")
+    # figures drawn while the page was still being parsed took the width of a half-built grid
+    parts.append("<script>window.addEventListener('load', () => document.querySelectorAll('.js-plotly-plot')"
+                 ".forEach(p => Plotly.Plots.resize(p)));</script>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -58,14 +58,18 @@ def truth_of(candidate) -> str:
     return "exact_copy" if candidate.prompt in FLAGGED or candidate.prompt == "six copies" else "not_memorized"
 
 
-def audited_workspace(root: Path):
-    """(ws, run_id): planted and extra generations imported and audited, no labels."""
+def audited_workspace(root: Path, snapshot: Path | None = None):
+    """(ws, run_id): planted and extra generations imported and audited, no labels.
+
+    With ``snapshot``, a copy of the workspace as it was before the audit is left there."""
     from core.audit import run_audit
     from core.importer import import_generations
     from workspaces import planted_workspace
 
     ws, _ = planted_workspace(root, audit=False)
     import_generations(ws, _extra_manifest(root / "extra"))
+    if snapshot is not None:
+        shutil.copytree(ws.root, snapshot)
     return ws, run_audit(ws)
 
 
@@ -75,7 +79,9 @@ def labelled_workspace(tmp_path_factory: pytest.TempPathFactory):
         from core import audit, labels
         from core.store import Workspace
 
-        ws, run_id = audited_workspace(tmp_path_factory.mktemp("dashboard"))
+        ingested = tmp_path_factory.mktemp("ingested") / "ws"
+        ws, run_id = audited_workspace(tmp_path_factory.mktemp("dashboard"), snapshot=ingested)
+        _BUILT["ingested"] = (ingested,)
         copy = tmp_path_factory.mktemp("unlabelled") / "ws"
         shutil.copytree(ws.root, copy)  # no connection is open: audit.db and its WAL are consistent
         _BUILT["unlabelled"] = (Workspace.open(copy), run_id)
@@ -97,6 +103,16 @@ def labelled_copy(tmp_path_factory: pytest.TempPathFactory, name: str):
     copy = tmp_path_factory.mktemp(name) / "ws"
     shutil.copytree(ws.root, copy)
     return Workspace.open(copy), run_id
+
+
+def ingested_copy(tmp_path_factory: pytest.TempPathFactory, name: str):
+    """A private copy of the shared workspace before its audit: generations and training images, no run."""
+    from core.store import Workspace
+
+    labelled_workspace(tmp_path_factory)
+    copy = tmp_path_factory.mktemp(name) / "ws"
+    shutil.copytree(_BUILT["ingested"][0], copy)
+    return Workspace.open(copy)
 
 
 def unlabelled_workspace(tmp_path_factory: pytest.TempPathFactory):

@@ -228,3 +228,22 @@ def test_streamlit_run_app_py_from_a_checkout(server, browser, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_html_report_loads_nothing_from_the_network(server, browser, tmp_path):
+    from core import report
+
+    _, ws, run_id = server
+    path = report.write_report(ws, tmp_path / "report.html", run_id)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = context.new_page()
+    requests: list[str] = []
+    pg.on("request", lambda r: requests.append(r.url))
+    pg.goto(path.as_uri())
+    pg.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length > 0", timeout=30_000)
+    pg.wait_for_timeout(500)
+    assert [u for u in requests if not u.startswith(("file:", "data:"))] == []
+    assert pg.locator(".js-plotly-plot").count() >= 4  # the figures drew from the inline plotly.js
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    pg.screenshot(path=str(SHOTS / "8-html-report.png"), full_page=True)
+    context.close()

@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 from core import audit, labels, views
 from dashboard import launch, ui
 from dashboard.jobs import Job, JobRegistry
-from dashboard_data import empty_workspace, labelled_copy, unlabelled_workspace
+from dashboard_data import empty_workspace, ingested_copy, labelled_copy, unlabelled_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "dashboard" / "app.py")
@@ -88,6 +88,38 @@ def test_calibrate_without_labels_says_so(tmp_path_factory):
     ws, _ = unlabelled_workspace(tmp_path_factory)
     at = no_exception(open_app(ws, "calibrate"))
     assert texts(at.info) == ["No labels yet: label candidates on the Review page first (unsure labels and ties do not count)."]
+
+
+def test_overview_audits_a_workspace_that_has_no_run(tmp_path_factory):
+    ws = ingested_copy(tmp_path_factory, "audit-now")
+    at = no_exception(open_app(ws))
+    assert metric(at, "Generations") == str(ws.counts()["generations"])
+    at.button[0].click().run()
+    no_exception(at)
+    assert audit.latest_run(ws) is not None
+    assert metric(at, "Flagged prompts") == "4"
+
+
+def test_an_unconditional_run(tiny_unconditional, tmp_path):
+    """Generations without a prompt: judged one by one by relative L2, reviewed without cliques."""
+    from core.generate import generate
+    from core.training import add_training
+    from workspaces import planted_files
+
+    files = planted_files(tmp_path / "data")
+    ws = empty_workspace(tmp_path / "ws")
+    add_training(ws, files["train"], captions=files["captions"])
+    generate(ws, str(tiny_unconditional), None, 4, steps=2, guidance=0.0, batch_size=4, seed=0, device="cpu")
+    run_id = audit.run_audit(ws)
+    at = no_exception(open_app(ws, "cliques"))
+    assert "no text prompts" in at.info[0].value
+    at = no_exception(open_app(ws, "review"))
+    at.text_input(key="reviewer").input("uma").run()
+    no_exception(at)
+    first = labels.review_queue(ws, run_id, "uma")[0]
+    assert first.prompt is None and metric(at, "Relative L2") == f"{first.relative_l2:.3f}"
+    assert any(m.value.startswith("**Prompt:** (unconditional)") for m in at.markdown)
+    no_exception(open_app(ws))
 
 
 # ---------------------------------------------------------------------------- overview
