@@ -182,15 +182,24 @@ def test_labelling_by_click_and_by_key_lands_in_the_database(server, page):
     assert [(e.candidate_id, e.label) for e in mine] == [(first.id, "exact_copy")]
     settle(page, "Review")
     shoot(page, "4-review-after-label")
-    # key 3 labels the next candidate "not memorized"
+    # digits typed into the note are text, not shortcuts
+    note = page.get_by_role("textbox", name="Note (optional, saved with the label)")
+    note.click()
+    page.keyboard.type("seen 3 times")
+    page.wait_for_timeout(500)
+    assert note.input_value() == "seen 3 times"
+    assert len([e for e in labels.label_events(ws) if e.reviewer == "browser"]) == 1
+    # key 3 labels the next candidate "not memorized", with the note typed
     second = labels.review_queue(ws, run_id, "browser")[0]
     page.evaluate("() => document.activeElement && document.activeElement.blur()")
+    settle(page, "Review")
     page.keyboard.press("3")
     deadline = time.monotonic() + 20
     while len([e for e in labels.label_events(ws) if e.reviewer == "browser"]) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     mine = [e for e in labels.label_events(ws) if e.reviewer == "browser"]
     assert [(e.candidate_id, e.label) for e in mine] == [(first.id, "exact_copy"), (second.id, "not_memorized")]
+    assert mine[1].note == "seen 3 times"
     # a reload keeps the reviewer and writes nothing
     page.reload()
     settle(page, "Review")

@@ -275,7 +275,7 @@ def test_generate_runs_in_the_background_and_resumes(tiny_unconditional, tmp_pat
     state = dict(generate_per_prompt=3, generate_steps=2, generate_batch=2, generate_device="cpu")
     at = no_exception(open_app(ws, "generate", **state))
     at.text_input(key="generate_model").input(str(tiny_unconditional)).run()
-    assert "3 images (seeds 0–2 for every prompt)" in at.caption[0].value
+    assert at.caption[0].value.startswith("No prompts: 3 unconditional images (seeds 0–2)")
     for expected in ("Done: 3 images generated, 0 already in the workspace",
                      "Done: 0 images generated, 3 already in the workspace"):  # the second start resumes: nothing left
         at.button(key="generate_start").click().run()
@@ -287,6 +287,29 @@ def test_generate_runs_in_the_background_and_resumes(tiny_unconditional, tmp_pat
     assert ws.counts()["generations"] == 3
     # the model is now offered as one used in this workspace
     assert at.button_group(key="generate_known").options
+
+
+def test_generate_page_shows_a_running_job_and_cancels_it(tmp_path):
+    ws = empty_workspace(tmp_path / "ws")
+    started = []
+
+    def work(progress, should_stop):
+        progress(2, 8)
+        started.append(True)
+        while not should_stop():
+            time.sleep(0.01)
+
+    job = ui.jobs().start((str(ws.root), "generate"), "generate", work)
+    while not started:
+        time.sleep(0.01)
+    at = no_exception(open_app(ws, "generate"))
+    assert at.get("progress")[0].proto.text.startswith("2 of 8 images")
+    assert at.button(key="generate_start").disabled
+    at.button(key="generate_cancel").click().run()
+    job.join(5)
+    at.run()
+    no_exception(at)
+    assert texts(at.warning) == ["Cancelled after 2 of 8 images: start again with the same settings to resume."]
 
 
 def test_job_progress_eta_and_cancel():

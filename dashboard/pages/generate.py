@@ -117,8 +117,10 @@ with right:
 
 prompts = [line.strip() for line in (st.session_state.get(PROMPTS_TEXT) or "").splitlines() if line.strip()]
 planned = max(1, len(prompts)) * int(per_prompt)
-st.caption(f"{len(prompts) or 'no'} prompt{'s' if len(prompts) != 1 else ''} × {int(per_prompt)} images = {planned} images "
-           f"(seeds {int(seed)}–{int(seed) + int(per_prompt) - 1} for every prompt); images already stored are skipped.")
+seeds = f"seeds {int(seed)}–{int(seed) + int(per_prompt) - 1}"
+st.caption((f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''} × {int(per_prompt)} images = {planned} images "
+            f"({seeds} for every prompt)" if prompts else
+            f"No prompts: {planned} unconditional images ({seeds})") + "; images already stored are skipped.")
 
 
 def start() -> None:
