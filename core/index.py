@@ -20,12 +20,18 @@ Index kind, by the number n of training images:
 
 * ``n <= index_exact_max``: exact, ``IndexIDMap(IndexFlatL2)`` for ``l2`` embedders,
   ``IndexIDMap(IndexFlatIP)`` for ``cosine``.
-* ``n > index_exact_max``: ``IVF{nlist},SQ8`` (inverted lists of 8-bit scalar-quantised
-  vectors) with ``nlist = min(round(sqrt(n)), n // 39)`` lists (39 training points per
-  list is faiss' minimum), k-means trained on ``min(n, 64 nlist)`` vectors drawn with a
-  fixed seed, searched with ``nprobe`` = setting ``index_nprobe`` (default 16). IVF
-  retrieves ``rerank x k`` candidates (default ``rerank = 10``) which are re-ranked
-  exactly against the stored float32 embeddings.
+* ``n > index_exact_max`` (and n >= 1,000, the least an IVF index is trained on):
+  ``IVF{nlist},PQ{m}x4fs``, inverted lists of 4-bit product-quantised codes scanned
+  with SIMD lookup tables (faiss' "fast scan"), ``m`` = the divisor of dim closest to
+  dim / 2 (two dimensions per 16-centroid sub-quantiser: 256 for 512-d CLIP, 384 for
+  the 768-d pixel default; coarser codes, e.g. dim / 8, lose true neighbours among the
+  candidates on data without low-rank structure). ``nlist =
+  min(round(sqrt(n)), n // 39)`` lists (39 training points per list is faiss' minimum),
+  k-means trained on ``min(n, 64 nlist)`` vectors drawn with a fixed seed, searched with
+  ``nprobe`` = setting ``index_nprobe`` (default 16). The 4-bit codes only nominate:
+  IVF retrieves ``rerank x k`` candidates (default ``rerank = 10``) which are re-ranked
+  exactly against the stored float32 embeddings, so recall is limited only by the lists
+  probed (measured in benchmarks/bench_index.py).
 
 Scores are always recomputed exactly from the float32 embeddings by direct
 differences (never the ``|x|^2 + |y|^2 - 2 x.y`` expansion, which loses precision
@@ -50,6 +56,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from . import tempfiles
 from .embed import Embedder, embedder_params, get_embedder, require_finite
 from .errors import WorkspaceError
 from .store import Workspace, now
@@ -62,6 +69,7 @@ DEFAULT_NPROBE = 16
 RERANK = 10
 REGROW_FACTOR = 4
 MIN_POINTS_PER_LIST = 39
+MIN_IVF = 1_000
 TRAIN_POINTS_PER_LIST = 64
 ADD_CHUNK = 65_536
 # Candidate blocks for exact re-scoring are kept under this many float32 values.
@@ -73,6 +81,12 @@ def choose_nlist(n: int) -> int:
     return max(1, min(int(round(math.sqrt(n))), n // MIN_POINTS_PER_LIST))
 
 
+def choose_pq_m(dim: int) -> int:
+    """Sub-quantisers of the IVF codes: the divisor of dim closest to dim / 2 (ties: the smaller)."""
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
+    return min(divisors, key=lambda m: (abs(m - dim / 2), m))
+
+
 def _fsync_replace(tmp: str, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
@@ -82,7 +96,7 @@ def _fsync_replace(tmp: str, path: Path) -> None:
 def write_npy_atomic(path: Path, parts: list[np.ndarray], dtype: Any, tail: tuple[int, ...]) -> None:
     """Write the concatenation of ``parts`` as one .npy, atomically, streaming (no full copy in memory)."""
     n = sum(len(p) for p in parts)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tempfiles.prefix(), suffix=".npy")
     os.close(fd)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, *tail))
@@ -104,7 +118,7 @@ def write_npy_atomic(path: Path, parts: list[np.ndarray], dtype: Any, tail: tupl
 def write_faiss_atomic(index: Any, path: Path) -> None:
     import faiss
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".faiss")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tempfiles.prefix(), suffix=".faiss")
     os.close(fd)
     try:
         faiss.write_index(index, tmp)
@@ -113,6 +127,26 @@ def write_faiss_atomic(index: Any, path: Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _train_ivf(index: Any, sample: np.ndarray, nlist: int, metric: int) -> None:
+    """Train the coarse k-means on all threads, then the product quantiser on one thread.
+
+    The quantiser's 16-centroid k-means runs are tiny: split across OpenMP threads on a
+    busy machine they wait on one another (measured 18x slower with 2 threads than 1).
+    """
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    km = faiss.Kmeans(sample.shape[1], nlist, niter=20, seed=1234, spherical=metric == faiss.METRIC_INNER_PRODUCT)
+    km.train(sample)
+    ivf.quantizer.add(km.centroids)  # a trained quantizer holding nlist centroids is kept by IndexIVF.train
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        index.train(sample)
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 class TrainingIndex:
@@ -172,6 +206,7 @@ class TrainingIndex:
         repair is reported through ``on_message`` (default: a logging warning) and kept in
         ``.messages``.
         """
+        tempfiles.remove_stale(ws.root / INDEX_DIR)  # files a killed writer left half-written
         settings = ws.settings()
         params = embedder.params if embedder is not None else embedder_params(embedder_name, settings)
         self = cls(ws, embedder_name, params, exact_max=settings["index_exact_max"],
@@ -306,7 +341,7 @@ class TrainingIndex:
 
     # ------------------------------------------------------------------ build / add / save
     def _kind_for(self, n: int) -> str:
-        return "empty" if n == 0 else ("flat" if n <= self.exact_max else "ivf")
+        return "empty" if n == 0 else ("flat" if n <= self.exact_max or n < MIN_IVF else "ivf")
 
     def set_nprobe(self, nprobe: int) -> None:
         """Lists an IVF index probes per query (capped at nlist; no effect on an exact index)."""
@@ -337,10 +372,10 @@ class TrainingIndex:
             index = faiss.index_factory(self.dim, "IDMap,Flat", metric)
         else:
             nlist = choose_nlist(n)
-            index = faiss.index_factory(self.dim, f"IVF{nlist},SQ8", metric)
+            index = faiss.index_factory(self.dim, f"IVF{nlist},PQ{choose_pq_m(self.dim)}x4fs", metric)
             m = min(n, TRAIN_POINTS_PER_LIST * nlist)
             rows = np.sort(np.random.default_rng(0).choice(n, size=m, replace=False))
-            index.train(np.ascontiguousarray(self.vectors[rows], dtype=np.float32))
+            _train_ivf(index, np.ascontiguousarray(self.vectors[rows], dtype=np.float32), nlist, metric)
             self.meta.update(nlist=nlist, trained_count=n)
         for start in range(0, n, ADD_CHUNK):
             index.add_with_ids(np.ascontiguousarray(self.vectors[start:start + ADD_CHUNK], dtype=np.float32),
@@ -503,35 +538,50 @@ class TrainingIndex:
                      batch: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yield (ids_a, ids_b, distance) for every pair with exact distance <= radius (l2 indexes only).
 
-        Candidates come from faiss' range search with a small margin (1e-3 exact,
-        1e-2 IVF, for float32 and 8-bit quantisation error) and are then checked
-        exactly, so a reported pair is always within ``radius``; the IVF index can miss
-        pairs whose members fall in lists it does not probe. Queries are the stored
-        embeddings of ``query_ids`` (default: all); a pair is reported from each query
-        side it is found from, never (i, i).
+        Queries are the stored embeddings of ``query_ids`` (default: all); a pair is
+        reported from each query side it is found from, never (i, i), and its distance is
+        always the exact one. Exact index: faiss' range search with a 1e-3 margin for
+        float32 rounding, then checked exactly, so no pair is missed. IVF index: the k
+        nearest (re-ranked exactly), k doubled from 32 for queries whose k-th neighbour
+        is still within ``radius``; pairs in lists that are not probed can be missed.
         """
         if self.metric != "l2":
             raise ValueError(f"pairs_within needs an l2 index, {self.name} is {self.metric}")
         if self.count == 0:
             return
         rows = np.arange(self.count) if query_ids is None else np.searchsorted(self.ids, np.asarray(query_ids, dtype=np.int64))
-        margin = 1e-3 if self.kind == "flat" else 1e-2
-        search_radius = float((radius + margin) ** 2)
         for s in range(0, len(rows), batch):
             rb = rows[s:s + batch]
             q = np.ascontiguousarray(self.vectors[rb], dtype=np.float32)
-            lims, _, found = self._index.range_search(q, search_radius)
-            src_rows = np.repeat(rb, np.diff(lims).astype(np.int64))
-            dst_rows = np.searchsorted(self.ids, found)
-            keep = src_rows != dst_rows
-            src_rows, dst_rows = src_rows[keep], dst_rows[keep]
-            dist = np.empty(len(src_rows), dtype=np.float32)
-            for c in range(0, len(src_rows), ADD_CHUNK):
-                a = np.asarray(self.vectors[src_rows[c:c + ADD_CHUNK]])
-                b = np.asarray(self.vectors[dst_rows[c:c + ADD_CHUNK]])
+            src, dst = (self._range_exact if self.kind == "flat" else self._range_knn)(rb, q, radius)
+            keep = src != dst
+            src, dst = src[keep], dst[keep]
+            dist = np.empty(len(src), dtype=np.float32)
+            for c in range(0, len(src), ADD_CHUNK):
+                a = np.asarray(self.vectors[src[c:c + ADD_CHUNK]])
+                b = np.asarray(self.vectors[dst[c:c + ADD_CHUNK]])
                 dist[c:c + ADD_CHUNK] = np.sqrt(np.square(a - b).sum(axis=1))
             ok = dist <= radius
-            yield self.ids[src_rows[ok]], self.ids[dst_rows[ok]], dist[ok]
+            yield self.ids[src[ok]], self.ids[dst[ok]], dist[ok]
+
+    def _range_exact(self, rows: np.ndarray, q: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+        lims, _, found = self._index.range_search(q, float((radius + 1e-3) ** 2))
+        return np.repeat(rows, np.diff(lims).astype(np.int64)), np.searchsorted(self.ids, found)
+
+    def _range_knn(self, rows: np.ndarray, q: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+        src, dst = [], []
+        todo = np.arange(len(rows))
+        k = min(32, self.count)
+        while len(todo):
+            ids, d = self.search(q[todo], k)
+            inside = (d <= radius) & (ids >= 0)
+            again = inside[:, -1] & (k < self.count)  # the k-th neighbour is inside: there may be more
+            done = ~again
+            src.append(np.repeat(rows[todo[done]], inside[done].sum(axis=1)))
+            dst.append(np.searchsorted(self.ids, ids[done][inside[done]]))
+            todo = todo[again]
+            k = min(2 * k, self.count)
+        return np.concatenate(src), np.concatenate(dst)
 
 
 def _describe(params: Any) -> str:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from core.embed import embedder_params
 from core.errors import ModelError
-from core.index import TrainingIndex, choose_nlist, write_npy_atomic
+from core.index import TrainingIndex, choose_nlist, choose_pq_m, write_npy_atomic
 from core.store import Workspace, now
 
 PIXEL = 4  # pixel_size 4: the pixel index holds 48-dimensional vectors
@@ -40,9 +40,18 @@ def new_index(ws: Workspace, name: str = "pixel", params: dict | None = None) ->
     return TrainingIndex(ws, name, params or embedder_params("pixel", s), exact_max=s["index_exact_max"], nprobe=16)
 
 
-def clustered(rng: np.random.Generator, n: int, dim: int = DIM, clusters: int = 40, spread: float = 0.3) -> np.ndarray:
-    centres = rng.normal(size=(clusters, dim))
-    return (centres[rng.integers(0, clusters, n)] + spread * rng.normal(size=(n, dim))).astype(np.float32)
+def clustered(rng: np.random.Generator, n: int, dim: int = DIM, clusters: int = 40, spread: float = 0.3,
+              rank: int | None = None) -> np.ndarray:
+    """Gaussian clusters; with ``rank``, each cluster spreads in its own rank-r subspace (as real embeddings do)
+    plus a little isotropic noise."""
+    local = np.random.default_rng(1234)  # the same clusters on every call
+    centres = local.normal(size=(clusters, dim))
+    label = rng.integers(0, clusters, n)
+    if rank is None:
+        return (centres[label] + spread * rng.normal(size=(n, dim))).astype(np.float32)
+    bases = local.normal(size=(clusters, rank, dim)) / np.sqrt(rank)
+    within = np.einsum("nr,nrd->nd", rng.normal(size=(n, rank)), bases[label])
+    return (centres[label] + 3 * spread * within + 0.1 * spread * rng.normal(size=(n, dim))).astype(np.float32)
 
 
 def numpy_knn(ids: np.ndarray, x: np.ndarray, q: np.ndarray, k: int, metric: str = "l2") -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +154,10 @@ def test_non_finite_embeddings_are_never_indexed(tmp_path: Path, rng: np.random.
 
 # ---------------------------------------------------------------------------- IVF
 
+def test_choose_pq_m():
+    assert [choose_pq_m(d) for d in (512, 768, 48, 75, 7)] == [256, 384, 24, 25, 1]
+
+
 def test_choose_nlist():
     assert choose_nlist(1) == 1
     assert choose_nlist(390) == 10  # at least 39 training points per list
@@ -156,12 +169,12 @@ def test_ivf_with_exact_reranking_has_high_recall_and_exact_scores(tmp_path: Pat
     ws = workspace(tmp_path, index_exact_max=500)
     ids = np.arange(1, 4001, dtype=np.int64)
     insert_rows(ws, ids)
-    x = clustered(rng, 4000)
+    x = clustered(rng, 4000, rank=8)
     new_index(ws).add(ids, x)
 
     index = TrainingIndex.open(ws, "pixel")
     assert index.kind == "ivf" and index.meta["nlist"] == 63 and index.messages == []
-    q = clustered(rng, 200)
+    q = clustered(rng, 200, rank=8)
     got_ids, got = index.search(q, 10)
     want_ids, want = numpy_knn(ids, x, q, 10)
     assert recall(got_ids, want_ids) >= 0.97
@@ -187,28 +200,37 @@ def test_ivf_with_exact_reranking_has_high_recall_and_exact_scores(tmp_path: Pat
 # ---------------------------------------------------------------------------- incremental adds
 
 def test_adds_append_and_switch_from_exact_to_ivf(tmp_path: Path, rng: np.random.Generator):
-    ws = workspace(tmp_path, index_exact_max=300)
-    x = clustered(rng, 1400)
-    insert_rows(ws, np.arange(1, 1401))
+    ws = workspace(tmp_path, index_exact_max=1000)
+    x = clustered(rng, 6000)
+    insert_rows(ws, np.arange(1, 6001))
     index = new_index(ws)
-    index.add(np.arange(1, 201), x[:200])
-    assert index.kind == "flat" and index._index.ntotal == 200
+    index.add(np.arange(1, 801), x[:800])
+    assert index.kind == "flat" and index._index.ntotal == 800
 
-    index.add(np.arange(201, 251), x[200:250])  # still exact: appended
-    assert index.kind == "flat" and index._index.ntotal == 250
-    assert np.load(index.ids_path).tolist() == list(range(1, 251))
-    assert index.search(x[240:241], 1)[0][0, 0] == 241
+    index.add(np.arange(801, 951), x[800:950])  # still exact: appended
+    assert index.kind == "flat" and index._index.ntotal == 950
+    assert np.load(index.ids_path).tolist() == list(range(1, 951))
+    assert index.search(x[940:941], 1)[0][0, 0] == 941
 
-    index.add(np.arange(251, 331), x[250:330])  # crosses index_exact_max: rebuilt as IVF
-    assert index.kind == "ivf" and index.meta["trained_count"] == 330 and index._index.ntotal == 330
-    index.add(np.arange(331, 1001), x[330:1000])  # grown < 4x: appended, not retrained
-    assert index.meta["trained_count"] == 330 and index._index.ntotal == 1000
-    index.add(np.arange(1001, 1401), x[1000:])  # past 4x the trained size: retrained
-    assert index.meta["trained_count"] == 1400 and index.meta["nlist"] == choose_nlist(1400)
+    index.add(np.arange(951, 1201), x[950:1200])  # crosses index_exact_max: rebuilt as IVF
+    assert index.kind == "ivf" and index.meta["trained_count"] == 1200 and index._index.ntotal == 1200
+    index.add(np.arange(1201, 4801), x[1200:4800])  # grown to 4x: appended, not retrained
+    assert index.meta["trained_count"] == 1200 and index._index.ntotal == 4800
+    index.add(np.arange(4801, 6001), x[4800:])  # past 4x the trained size: retrained
+    assert index.meta["trained_count"] == 6000 and index.meta["nlist"] == choose_nlist(6000)
 
     again = TrainingIndex.open(ws, "pixel")
-    assert again.messages == [] and again.kind == "ivf" and again.count == 1400
-    np.testing.assert_array_equal(again.search(x[[0, 700, 1399]], 1)[0][:, 0], [1, 701, 1400])
+    assert again.messages == [] and again.kind == "ivf" and again.count == 6000
+    np.testing.assert_array_equal(again.search(x[[0, 700, 5999]], 1)[0][:, 0], [1, 701, 6000])
+
+
+def test_small_sets_stay_exact_below_the_ivf_minimum(tmp_path: Path, rng: np.random.Generator):
+    ws = workspace(tmp_path, index_exact_max=100)
+    insert_rows(ws, np.arange(1, 501))
+    index = new_index(ws)
+    index.add(np.arange(1, 501), clustered(rng, 500))
+    assert index.kind == "flat"  # an IVF index needs MIN_IVF vectors to train
+    assert TrainingIndex.open(ws, "pixel").messages == []
 
 
 def test_ids_out_of_order_are_merged(tmp_path: Path, rng: np.random.Generator):
@@ -366,28 +388,32 @@ def test_images_missing_from_the_index_are_added(photo_ws: Workspace):
 
 # ---------------------------------------------------------------------------- pairs within a radius
 
-@pytest.mark.parametrize("exact_max", [10_000, 100])
+@pytest.mark.parametrize("exact_max", [10_000, 1000])
 def test_pairs_within_radius_match_brute_force(tmp_path: Path, rng: np.random.Generator, exact_max: int):
     ws = workspace(tmp_path, index_exact_max=exact_max)
-    x = clustered(rng, 800, spread=0.3)
+    x = clustered(rng, 1500, spread=0.3)
     x[100:110] = x[100] + 0.004 * rng.normal(size=(10, DIM))  # planted near copies, about 0.04 apart
     x[300:310] = x[300] + 0.0082 * rng.normal(size=(10, DIM))  # pairs around the radius, about 0.08 apart
+    x[500:545] = x[500] + 0.002 * rng.normal(size=(45, DIM))  # a large group: more than 32 neighbours each
     x[200] = x[201]  # an exact copy
-    ids = np.arange(1, 801, dtype=np.int64)
+    ids = np.arange(1, 1501, dtype=np.int64)
     insert_rows(ws, ids)
     index = new_index(ws)
     index.add(ids, x)
-    assert index.kind == ("flat" if exact_max > 800 else "ivf")
+    assert index.kind == ("flat" if exact_max > 1500 else "ivf")
     radius = 0.08
-    d = np.sqrt(((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(axis=2))
+    x64 = x.astype(np.float64)
+    sq = (x64 ** 2).sum(axis=1)
+    d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x64 @ x64.T, 0))
     want = {(int(a) + 1, int(b) + 1) for a, b in zip(*np.nonzero(d <= radius)) if a != b}
     got = set()
     for a, b, dist in index.pairs_within(radius):
         assert (dist <= radius).all()
         got |= set(zip(a.tolist(), b.tolist()))
-    assert (201, 202) in got and len(want) >= 100
+    assert (201, 202) in got and len(want) >= 44 * 45 + 100
     assert got <= want and len(got) >= 0.95 * len(want)
-    if exact_max > 800:
+    assert {(501, j) for j in range(502, 546)} <= got
+    if exact_max > 1500:
         assert got == want
     only = {p for a, b, _ in index.pairs_within(radius, np.array([101])) for p in zip(a.tolist(), b.tolist())}
     assert {(101, j) for j in range(102, 111)} <= only and all(p[0] == 101 for p in only)
