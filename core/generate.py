@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import config
+from . import config, tempfiles
 from .errors import InputError, MemauditError, ModelError, WorkspaceError
 from .images import save_png_atomic, to_uint8
 from .store import Workspace, now
@@ -528,6 +528,8 @@ def generate(ws: Workspace, model_ref: str, prompts: Sequence[str] | None, per_p
     model_id = ws.model_id(loaded.ref, loaded.kind, loaded.pipeline_class, loaded.weights_hash, loaded.scheduler)
     with ws.transaction() as con:
         prompt_ids = [ws.prompt_id(text, con) for text, _ in conditions]
+    for pid in prompt_ids:
+        tempfiles.remove_stale(ws.root / "generations" / str(pid))  # images a killed run left half-written
 
     pending: list[tuple[int, str, int | None, int, int]] = []  # (prompt_id, text, class id, j, seed)
     with ws.connect() as con:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from . import tempfiles
 from .errors import ImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -115,7 +116,7 @@ def save_png_atomic(array_or_image: np.ndarray | Image.Image, path: str | Path) 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(to_uint8(array_or_image))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tempfiles.prefix(), suffix=".png")
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, format="PNG")

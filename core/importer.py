@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from . import tempfiles
 from .errors import ImageError, InputError, WorkspaceError
 from .images import IMAGE_SUFFIXES, load_image
 from .store import Workspace, now
@@ -156,7 +157,7 @@ def _locate(base: Path, written: str) -> tuple[Path | None, str]:
 
 def _write_atomic(data: bytes, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=dest.suffix)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=tempfiles.prefix(), suffix=dest.suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -244,6 +245,7 @@ def _import_one(ws: Workspace, row: ManifestRow, base: Path, manifest: Path, don
     sha = hashlib.sha256(data).hexdigest()
     if row.prompt not in prompt_ids:
         prompt_ids[row.prompt] = ws.prompt_id(row.prompt)
+        tempfiles.remove_stale(ws.root / "generations" / str(prompt_ids[row.prompt]))  # left by a killed import
     pid = prompt_ids[row.prompt]
     # the origin's hash keeps two files with identical bytes (a model repeating itself) apart
     rel = f"generations/{pid}/import-{sha[:12]}-{hashlib.sha256(origin.encode('utf-8')).hexdigest()[:8]}{_suffix(src, data)}"

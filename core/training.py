@@ -39,6 +39,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from . import tempfiles
 from .embed import PixelEmbedder
 from .errors import ImageError, InputError
 from .images import load_image, sha256_file
@@ -210,7 +211,7 @@ def _stored_suffix(path: Path) -> str:
 
 def _copy_atomic(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=dest.suffix)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=tempfiles.prefix(), suffix=dest.suffix)
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             shutil.copyfileobj(inp, out, 1 << 20)
@@ -240,6 +241,7 @@ def add_training(ws: Workspace, folder: str | Path, captions: str | Path | None 
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder; pass the folder that holds the training images")
     folder = folder.resolve()
+    tempfiles.remove_stale(ws.root / "training")  # copies a killed ingest left half-written
     match = CaptionMatcher(read_captions(captions) if captions is not None else {})
     settings = ws.settings()
     embedder = PixelEmbedder(settings["pixel_size"])
