@@ -208,11 +208,13 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
     pixels = _TrainingPixels(ws, size, training)
     k_search = min(len(training), max(params.neighbours, params.relative_n))
 
+    remove_abandoned_runs(ws)
     with ws.transaction() as con:
         run_id = con.execute("INSERT INTO audit_runs(created_at, status, params) VALUES (?, 'running', ?)",
                              (now(), json.dumps(params.to_dict()))).lastrowid
-    cache = ws.root / "cache" / f"run-{run_id}"
-    cache.mkdir(parents=True, exist_ok=True)
+        cache = ws.root / "cache" / f"run-{run_id}"
+        cache.mkdir(parents=True, exist_ok=True)
+        owner = _own_run(cache)  # before the commit: no other process ever sees this run without its owner
 
     try:
         all_gen_ids: list[int] = []
@@ -273,9 +275,63 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
             con.execute("DELETE FROM audit_runs WHERE id = ?", (run_id,))
         shutil.rmtree(cache, ignore_errors=True)
         raise
+    finally:
+        if owner is not None:
+            owner.close()
     if progress:
         progress("audit", len(prompt_ids), len(prompt_ids))
     return run_id
+
+
+RUN_LOCK = ".lock"
+
+
+def _own_run(cache: Path):
+    """Hold an exclusive lock on the run's cache/run-<id>/.lock until closed; the OS releases it when the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: abandoned runs are then left in place (they are never listed)
+        return None
+    f = open(cache / RUN_LOCK, "a")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
+def remove_abandoned_runs(ws: Workspace) -> list[int]:
+    """Delete the audit runs a killed process left 'running', with their cache folders; return their ids.
+
+    A running audit holds an exclusive lock (flock) on WS/cache/run-<id>/.lock, released by the
+    operating system when its process ends, however it ends; a 'running' run whose lock can be
+    taken has no process left to finish it.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    with ws.connect() as con:
+        running = [r[0] for r in con.execute("SELECT id FROM audit_runs WHERE status = 'running'")]
+    removed = []
+    for run_id in running:
+        cache = ws.root / "cache" / f"run-{run_id}"
+        try:
+            lock = open(cache / RUN_LOCK, "a")
+        except FileNotFoundError:  # its cache folder is gone: no process can be holding its lock
+            lock = None
+        try:
+            if lock is not None:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # still being audited
+            with ws.transaction() as con:
+                gone = con.execute("DELETE FROM audit_runs WHERE id = ? AND status = 'running'", (run_id,)).rowcount
+            if gone:  # (a run that finished meanwhile keeps its cache)
+                shutil.rmtree(cache, ignore_errors=True)
+                removed.append(run_id)
+        finally:
+            if lock is not None:
+                lock.close()
+    return removed
 
 
 def _retrieve(embedder, index, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
