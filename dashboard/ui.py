@@ -17,6 +17,7 @@ import streamlit as st
 
 from core import audit, views
 from core.errors import MemauditError
+from core.images import to_uint8
 from core.store import Workspace
 
 from .jobs import JobRegistry
@@ -162,8 +163,8 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 def blink_html(a: np.ndarray, b: np.ndarray, size: int, period: float = 1.2, labels: tuple[str, str] = ("generation", "training")) -> str:
     """Two images stacked, the top one blinking (CSS only, no script)."""
-    ua = views.data_uri(views.upscale_nearest(views_uint8(a), size))
-    ub = views.data_uri(views.upscale_nearest(views_uint8(b), size))
+    ua = views.data_uri(views.upscale_nearest(to_uint8(a), size))
+    ub = views.data_uri(views.upscale_nearest(to_uint8(b), size))
     return f"""
 <style>
 @keyframes memaudit-blink {{ 0%, 49.9% {{ opacity: 1; }} 50%, 100% {{ opacity: 0; }} }}
@@ -175,12 +176,6 @@ def blink_html(a: np.ndarray, b: np.ndarray, size: int, period: float = 1.2, lab
 <div class="memaudit-blink"><img src="{ub}" alt="{labels[1]}"><img class="top" src="{ua}" alt="{labels[0]}"></div>
 <div class="memaudit-blink-legend">alternates {labels[0]} / {labels[1]} every {period / 2:g} s</div>
 """
-
-
-def views_uint8(a: np.ndarray) -> np.ndarray:
-    from core.images import to_uint8
-
-    return to_uint8(a)
 
 
 def error(e: BaseException) -> None:

@@ -158,7 +158,7 @@ for gi, g in enumerate(found):
             with cols[3]:
                 if mode == "overlay":
                     alpha = st.slider("training weight", 0.0, 1.0, 0.5, 0.05, key=f"cmp_alpha_{row.prompt_id}_{gi}")
-                    st.image(views.upscale_nearest(ui.views_uint8(views.blend(gen_arr, train_arr, alpha)), COMPARE),
+                    st.image(views.upscale_nearest(ui.to_uint8(views.blend(gen_arr, train_arr, alpha)), COMPARE),
                              width=COMPARE, caption=f"overlay: {1 - alpha:.0%} generation + {alpha:.0%} training",
                              output_format="PNG")
                 else:
