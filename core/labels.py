@@ -33,16 +33,22 @@ def _event(row: sqlite3.Row) -> LabelEvent:
                       created_at=row["created_at"], undoes=row["undoes"])
 
 
+def _already_written(con: sqlite3.Connection, token: str | None) -> int | None:
+    """The id of the event already stored under ``token`` (a retried write), if any."""
+    if token is None:
+        return None
+    row = con.execute("SELECT id FROM label_events WHERE token = ?", (token,)).fetchone()
+    return None if row is None else row["id"]
+
+
 def add_label(ws: Workspace, candidate_id: int, label: str, reviewer: str, note: str = "", token: str | None = None) -> int:
     """Record ``reviewer``'s label for a candidate (its medoid against its nearest training image)."""
     if label not in LABELS:
         raise InputError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
     reviewer = _check_reviewer(reviewer)
     with ws.transaction() as con:
-        if token is not None:
-            row = con.execute("SELECT id FROM label_events WHERE token = ?", (token,)).fetchone()
-            if row is not None:
-                return row["id"]
+        if (done := _already_written(con, token)) is not None:
+            return done
         cand = con.execute("SELECT medoid_generation_id, nearest_training_id FROM candidates WHERE id = ?", (candidate_id,)).fetchone()
         if cand is None:
             raise InputError(f"no candidate {candidate_id} in {ws.root}; `memaudit export {ws.root} --format csv` lists them")
@@ -56,10 +62,8 @@ def undo_last(ws: Workspace, reviewer: str, token: str | None = None) -> int | N
     """Cancel ``reviewer``'s latest label that is still in force; return the undo event's id (None if nothing to undo)."""
     reviewer = _check_reviewer(reviewer)
     with ws.transaction() as con:
-        if token is not None:
-            row = con.execute("SELECT id FROM label_events WHERE token = ?", (token,)).fetchone()
-            if row is not None:
-                return row["id"]
+        if (done := _already_written(con, token)) is not None:
+            return done
         target = con.execute(
             "SELECT * FROM label_events e WHERE reviewer = ? AND label IS NOT NULL "
             "AND NOT EXISTS (SELECT 1 FROM label_events u WHERE u.undoes = e.id) ORDER BY id DESC LIMIT 1", (reviewer,)).fetchone()
