@@ -17,7 +17,9 @@ Branch and bound on Python-int bitsets (bit k = k-th vertex of the search order)
   independent set, so a clique takes at most one vertex per colour): the node is
   cut when ``|R| + colours <= best``; only vertices of high enough colour are
   branched on, highest colour first, after Tomita's re-numbering has moved as
-  many as it can into lower colours.
+  many as it can into lower colours (tried while there are at most 64 lower
+  colours: it pays in dense graphs of moderate clique size, and costs more than
+  it saves for large near-cliques, whose bounds are tight anyway).
 
 The result is exact. Ties (several maximum cliques) are broken deterministically.
 Up to ``TIE_LIMIT`` of them are enumerated (the same search, cutting only at
@@ -54,6 +56,7 @@ from .errors import InputError, MemauditError
 from .records import CliqueGroup
 
 TIE_LIMIT = 256  # maximum cliques enumerated to break a tie
+RENUMBER_MAX = 64  # colour classes up to which re-numbering is tried
 _GREEDY_STARTS = 10
 
 
@@ -165,33 +168,40 @@ class _Graph:
         """Colour classes of p: the first kmin as bitsets, then each later vertex with its colour.
 
         A vertex that would get a colour above kmin is first re-numbered (Tomita's
-        MCS): if it has no neighbour, or exactly one neighbour w, in a class i <= kmin,
-        and w has none in a class j with i < j <= kmin, then w moves to j and the
-        vertex to i. Classes stay independent sets; fewer vertices need branching.
+        MCS; when kmin <= RENUMBER_MAX): if it has no neighbour, or exactly one
+        neighbour w, in a class i <= kmin, and w has none in a class j with
+        i < j <= kmin, then w moves to j and the vertex to i. Classes stay
+        independent sets; fewer vertices need branching.
         """
         non, nbr = self.non, self.nbr
-        order: list[int] = []
-        colours: list[int] = []
         classes: list[int] = []  # the first kmin classes, as bitsets
         k = 0
+        while p and k < kmin:
+            k += 1
+            q = before = p
+            while q:
+                low = q & -q
+                q &= non[low.bit_length() - 1]
+                p ^= low
+            classes.append(before ^ p)
+        order: list[int] = []
+        colours: list[int] = []
+        # re-numbering costs up to kmin^2 set operations per vertex: worth it in the hard, dense
+        # graphs of moderate clique size, not for large near-cliques (tight bounds already)
+        renumber = 0 < len(classes) <= RENUMBER_MAX
         while p:
             k += 1
             q = p
-            members = 0
             while q:
                 low = q & -q
                 v = low.bit_length() - 1
                 p ^= low
-                if k > kmin and self._renumber(v, low, nbr[v], classes):
+                if renumber and self._renumber(v, low, nbr[v], classes):
                     q ^= low
                     continue
                 q &= non[v]
-                members |= low
-                if k > kmin:
-                    order.append(v)
-                    colours.append(k)
-            if k <= kmin:
-                classes.append(members)
+                order.append(v)
+                colours.append(k)
         return classes, order, colours
 
     def _renumber(self, v: int, bit: int, nv: int, classes: list[int]) -> bool:
@@ -242,10 +252,15 @@ def _greedy(adj: np.ndarray, core: np.ndarray, keep: np.ndarray) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- the searches
-def _larger_clique(adj: np.ndarray, size: int, seed: list[int], counter: _Counter) -> list[int] | None:
-    """A maximum clique if one has more than ``size`` vertices, else None. ``seed`` is a known clique."""
+def _larger_clique(adj: np.ndarray, size: int, seed: list[int], counter: _Counter,
+                   limit: int | None = None) -> list[int] | None:
+    """A maximum clique if one has more than ``size`` vertices, else None. ``seed`` is a known clique.
+
+    ``limit``: no clique has more vertices than this (the search stops on reaching it).
+    """
     n = len(adj)
-    if n <= size:
+    limit = n if limit is None else limit
+    if n <= size or limit <= size:
         return None
     core = _core_numbers(adj)
     if int(core.max()) + 1 <= size:
@@ -254,7 +269,7 @@ def _larger_clique(adj: np.ndarray, size: int, seed: list[int], counter: _Counte
     best = found if len(found) > size else None
     target = max(size, len(found))
     keep = core >= target  # a clique of target + 1 needs core numbers >= target
-    if keep.sum() <= target:
+    if keep.sum() <= target or target >= limit:
         return best
     g = _Graph(adj, _order(adj, keep, core))
     state = {"best": [], "size": target}
@@ -270,11 +285,15 @@ def _larger_clique(adj: np.ndarray, size: int, seed: list[int], counter: _Counte
                 expand(r + [v], np_)
             elif len(r) + 1 > state["size"]:
                 state["best"], state["size"] = r + [v], len(r) + 1
+                if state["size"] >= limit:
+                    raise _Enough
             p ^= 1 << v
 
     try:
         with _deep_recursion(len(g.vertices)):
             expand([], g.full)
+    except _Enough:
+        pass
     except _OutOfBudget:
         counter.fail()
     if state["best"]:
@@ -331,6 +350,15 @@ def _has_clique(g: _Graph, p: int, k: int, counter: _Counter) -> bool:
 
     def expand(depth: int, p: int) -> bool:
         counter.tick()
+        if p.bit_count() <= 2 * (k - depth):  # take the vertices linked to every other candidate
+            forced = [v for v in _bits(p) if not p & g.non[v]]
+            depth += len(forced)
+            if depth >= k:
+                return True
+            for v in forced:
+                p ^= 1 << v
+            if not p:
+                return False
         order, colours = g.colour(p, k - depth - 1)
         for v, c in zip(reversed(order), reversed(colours)):
             if depth + c < k:
@@ -367,7 +395,7 @@ def _greedy_tie_break(adj: np.ndarray, g: _Graph, omega: int, dist: np.ndarray |
     p = g.full
     while len(r) < omega:
         for v in sorted(_bits(p), key=lambda v: (acc[v], ids[v])):
-            if _has_clique(g, p & g.nbr[v], omega - len(r) - 1, counter):
+            if not p & g.non[v] or _has_clique(g, p & g.nbr[v], omega - len(r) - 1, counter):
                 break
         else:
             raise AssertionError("no vertex extends the clique: omega was wrong")
@@ -468,6 +496,8 @@ def _check_distances(dist: np.ndarray) -> np.ndarray:
         raise InputError(f"dist must be a square (n, n) matrix of distances, got shape {d.shape}")
     if d.dtype.kind not in "fiu":
         raise InputError(f"dist must hold numbers, got dtype {d.dtype}")
+    if d.dtype.kind != "f":
+        d = d.astype(np.float64)
     if np.isnan(d).any():
         raise InputError("dist contains NaN; recompute the distances")
     if (d < 0).any():
@@ -559,9 +589,12 @@ def largest_clique_curve(dist: np.ndarray, taus: Sequence[float], *, budget: int
                          on_budget: str = "raise") -> np.ndarray:
     """Size of the largest clique of {dist <= tau} at each tau (int64, in the order given).
 
-    Exact, and non-decreasing in tau (raising tau only adds edges). Taus are
-    solved in increasing order, each starting from the previous clique (still a
-    clique) and searching only for a larger one; a tau that adds no edge is free.
+    Exact, and non-decreasing in tau (raising tau only adds edges), which the
+    search uses: taus that give the same graph are solved once; the smallest and
+    largest graphs are solved, then the middle one between two solved graphs of
+    different sizes, recursively (graphs between two of equal size have that size
+    too). Each solve starts from the clique of the smaller graph (still a clique)
+    and stops at the size of the larger one (an upper bound).
     """
     d = _check_distances(dist)
     ts = [_check_tau(t) for t in taus]
@@ -569,17 +602,36 @@ def largest_clique_curve(dist: np.ndarray, taus: Sequence[float], *, budget: int
     out = np.zeros(len(ts), dtype=np.int64)
     if n == 0 or not ts:
         return out
-    upper = d[np.triu_indices(n, 1)]
-    clique: list[int] = [0]
-    last_edges = -1
+    upper = np.sort(d[np.triu_indices(n, 1)])
+    # edges of the graph at each tau, comparing in dist's precision as ``dist <= tau`` does
+    edges = np.searchsorted(upper, np.asarray(ts, dtype=np.float64).astype(upper.dtype), side="right")
+    graphs = sorted(set(edges.tolist()))  # distinct graphs, smallest first
+    rep = {e: upper[e - 1] for e in graphs if e}  # a tau giving exactly that graph
+    asked = {e: min(t for t, x in zip(ts, edges.tolist()) if x == e) for e in graphs}  # for messages
     counter = _budget(budget, on_budget, "for the clique curve")
-    for k in np.argsort(ts, kind="stable"):
-        edges = int(np.count_nonzero(upper <= ts[k]))
-        if edges != last_edges:
-            counter.where = f"at tau={ts[k]:g}"
-            larger = _larger_clique(_graph(d, ts[k]), len(clique), clique, counter)
-            if larger is not None and len(larger) > len(clique):
-                clique = larger
-            last_edges = edges
-        out[k] = len(clique)
-    return out
+    cliques: dict[int, list[int]] = {}
+
+    def solve(k: int, seed: list[int], limit: int) -> None:
+        e = graphs[k]
+        counter.where = f"at tau={asked[e]:g}"
+        larger = _larger_clique(_graph(d, rep[e]), len(seed), seed, counter, limit) if e else None
+        cliques[k] = larger if larger is not None and len(larger) > len(seed) else seed
+
+    def fill(lo: int, hi: int) -> None:
+        if hi - lo <= 1:
+            return
+        if len(cliques[lo]) == len(cliques[hi]):
+            for k in range(lo + 1, hi):
+                cliques[k] = cliques[lo]
+            return
+        mid = (lo + hi) // 2
+        solve(mid, cliques[lo], len(cliques[hi]))
+        fill(lo, mid)
+        fill(mid, hi)
+
+    solve(0, [0], n)
+    if len(graphs) > 1:
+        solve(len(graphs) - 1, cliques[0], n)
+        fill(0, len(graphs) - 1)
+    size = {e: len(cliques[k]) for k, e in enumerate(graphs)}
+    return np.array([size[e] for e in edges.tolist()], dtype=np.int64)

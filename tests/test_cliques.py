@@ -271,6 +271,10 @@ def test_curve_against_networkx():
             assert size == max(len(c) for c in nx.find_cliques(nx.from_numpy_array(adj.astype(int))))
         order = np.argsort(taus, kind="stable")
         assert np.all(np.diff(got[order]) >= 0)
+    # tau compares as `dist <= tau` does, in dist's precision: a stored 0.3 is within tau = 0.3
+    d32 = np.array([[0, 0.3, 0.3], [0.3, 0, 0.3], [0.3, 0.3, 0]], np.float32)
+    assert largest_clique_curve(d32, [0.3, 0.29]).tolist() == [3, 1]
+    assert clique_groups(d32, 0.3, 1, 1)[0].size == 3
     assert largest_clique_curve(np.zeros((0, 0)), [0.1]).tolist() == [0]
     assert largest_clique_curve(np.zeros((3, 3)), []).tolist() == []
     assert largest_clique_curve(np.zeros((3, 3)), [-1.0, 0.0]).tolist() == [1, 3]
