@@ -426,6 +426,10 @@ def _as_batch(images: Any, n: int) -> np.ndarray:
         images = np.repeat(images, 3, axis=-1)
     if images.ndim != 4 or images.shape[0] != n or images.shape[-1] != 3:
         raise ValueError(f"pipeline returned images of shape {images.shape}, expected ({n}, H, W, 3)")
+    bad = int((~np.isfinite(images).reshape(n, -1).all(axis=1)).sum())
+    if bad:  # stored as they are, NaN pixels would become black images that form a false clique
+        raise ModelError(f"the pipeline produced non-finite pixels (NaN or inf) in {bad} of {n} images, which are not stored; "
+                         "its weights may be damaged, or its VAE overflows in float16 (try --device cpu)")
     return np.clip(images, 0.0, 1.0)
 
 
