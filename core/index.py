@@ -489,8 +489,13 @@ class TrainingIndex:
     def _scores(self, q: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Exact scores of q (B, d) against x (B, C, d) by direct differences."""
         if self.metric == "l2":
-            return np.sqrt(np.square(x - q[:, None, :]).sum(axis=2))
-        return np.einsum("bcd,bd->bc", x, q)
+            scores = np.sqrt(np.square(x - q[:, None, :]).sum(axis=2))
+        else:
+            scores = np.einsum("bcd,bd->bc", x, q)
+        if not np.isfinite(scores).all():  # queries are checked finite: a stored embedding is damaged
+            raise WorkspaceError(f"the stored {self.name} embeddings hold non-finite values (a damaged file); delete "
+                                 f"{self.vectors_path} and run the same command again to rebuild it from the training images")
+        return scores
 
     def _rescore(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n, c = cand.shape
