@@ -192,10 +192,14 @@ class Workspace:
             raise WorkspaceError(f"cannot open {self.db_path}: {e}") from None
         try:
             con.row_factory = sqlite3.Row
-            con.execute("PRAGMA busy_timeout = 30000")
-            con.execute("PRAGMA journal_mode = WAL")
-            con.execute("PRAGMA synchronous = NORMAL")
-            con.execute("PRAGMA foreign_keys = ON")
+            try:
+                con.execute("PRAGMA busy_timeout = 30000")
+                con.execute("PRAGMA journal_mode = WAL")  # creates the -wal and -shm files: fails on a full disk
+                con.execute("PRAGMA synchronous = NORMAL")
+                con.execute("PRAGMA foreign_keys = ON")
+            except sqlite3.OperationalError as e:
+                raise WorkspaceError(f"cannot open {self.db_path} ({e}); check that its disk has free space and "
+                                     "the folder is writable, then run the same command again") from None
             yield con
         finally:
             con.close()
@@ -219,8 +223,15 @@ class Workspace:
             try:
                 yield con
                 con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
+            except BaseException as e:
+                if con.in_transaction:  # SQLite may have rolled back already (a full disk does)
+                    try:
+                        con.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                if isinstance(e, sqlite3.OperationalError) and ("full" in str(e) or "disk I/O" in str(e)):
+                    raise WorkspaceError(f"cannot write {self.db_path} ({e}); free some disk space and run the same "
+                                         "command again (what was written before is kept)") from None
                 raise
 
     # ------------------------------------------------------------------ paths
