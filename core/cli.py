@@ -76,7 +76,7 @@ def cmd_add_training(args: argparse.Namespace) -> None:
     lines = [f"added {report.added} training images from {args.folder}"]
     if skipped:
         lines.append(f"skipped {len(skipped)}:")
-        lines += [f"  {s['reason']}" for s in skipped]
+        lines += [f"  {s['path']}: {s['reason']}" for s in skipped]
     _emit(args, "\n".join(lines), {"added": report.added, "skipped": skipped, "total": ws.counts()["training_images"]})
 
 
