@@ -50,6 +50,11 @@ def _progress_printer(enabled: bool) -> Callable[[str, int, int], None] | None:
         if done >= total:
             bar.close()
 
+    def close() -> None:  # clear unfinished bars, so that an error message starts its own line
+        for bar in bars.values():
+            bar.close()
+
+    progress.close = close  # type: ignore[attr-defined]
     return progress
 
 
@@ -116,7 +121,12 @@ def cmd_audit(args: argparse.Namespace) -> None:
 
     ws = _ws(args.workspace)
     params = params_from(ws, **{name: getattr(args, name) for name in AUDIT_SETTINGS})
-    run_id = run_audit(ws, params, progress=_progress_printer(not args.json))
+    progress = _progress_printer(not args.json)
+    try:
+        run_id = run_audit(ws, params, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()  # type: ignore[attr-defined]
     summary = count_summary(ws, run_id)
     _emit(args, (f"audit run {run_id}: {summary['prompts']} prompts, {summary['flagged_prompts']} flagged "
                  f"(largest clique >= {params.min_clique} at tau {params.edge_threshold}), "
