@@ -196,3 +196,46 @@ def events_json(root: Path) -> list[dict]:
 
 __all__ = ["ROOT", "ENV", "cli", "kill_when", "scalar", "files_under", "sha256", "assert_consistent",
            "write_image_folder", "small_audited_workspace", "events_json"]
+
+
+# ---------------------------------------------------------------------------- a reviewer process
+def label_worker(ws_root: str, reviewer: str, n: int, seed: int, log_path: str) -> None:
+    """Write ``n`` label operations as ``reviewer`` (labels, some delivered twice, and undos), logging each.
+
+    The log (JSON lines: op, token, candidate, label, event id) lets the test replay what this
+    reviewer did and compare it with the database. Each operation is checked at once for
+    read-your-writes: a label just written is the reviewer's current label of its pair.
+    """
+    import random
+
+    from core import labels
+    from core.audit import candidates
+    from core.store import Workspace
+
+    ws = Workspace.open(ws_root)
+    cands = candidates(ws)
+    rng = random.Random(seed)
+    with open(log_path, "w") as log:
+        for i in range(n):
+            r = rng.random()
+            if r < 0.12:
+                token = f"{reviewer}:undo:{i}"
+                event = labels.undo_last(ws, reviewer, token=token)
+                log.write(json.dumps({"op": "undo", "token": token, "event": event}) + "\n")
+                continue
+            c = rng.choice(cands)
+            label = rng.choice(("exact_copy", "near_copy", "not_memorized", "unsure"))
+            token = f"{reviewer}:{i}"
+            event = labels.add_label(ws, c.id, label, reviewer, note=f"op {i}", token=token)
+            if r > 0.9:  # the same click delivered again (a retried request): stored once
+                assert labels.add_label(ws, c.id, label, reviewer, note=f"op {i}", token=token) == event
+            now = labels.current_labels(ws).get((c.medoid_generation_id, c.nearest_training_id), {})
+            assert now.get(reviewer) == label, (reviewer, i, now)
+            log.write(json.dumps({"op": "label", "token": token, "candidate": c.id, "label": label, "event": event}) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "label-worker":
+        label_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+    else:
+        raise SystemExit(f"unknown command {sys.argv[1]!r}")
