@@ -1,7 +1,10 @@
 """The embedded demo's training set: real photographs and scans with controlled duplication.
 
-Every image is a real photograph or scan bundled with scikit-image (no network needed), a
-crop of it centre-resized to ``SIZE`` x ``SIZE`` by the working-resolution rule. Duplication
+Every image comes bundled with scikit-image (no network needed): 52 photographs and scans
+(news-photo faces from Labeled Faces in the Wild, NASA, museum, microscopy and fundus images)
+and 4 graphics (a clipart silhouette, a colour wheel, a logo, a synthetic phantom), as web
+data also holds. Each is a square crop resized to ``SIZE`` x ``SIZE`` by the
+working-resolution rule. Duplication
 mirrors Figure 5 of Carlini et al. (2023): some images are present 100 times, some 10 times,
 some once, each copy a separate file with identical bytes (as web-scraped duplicates are).
 Single images come in two kinds: with a caption of their own, and with a generic caption
@@ -59,14 +62,14 @@ LICENCES = {
     "camera": "CC0 (Lav Varshney)",
     "coffee": "CC0 (Rachel Michetti)",
     "coins": "no known copyright restrictions (Brooklyn Museum)",
-    "colorwheel": "scikit-image sample data, BSD-3-Clause",
-    "horse": "public domain",
+    "colorwheel": "scikit-image sample data (BSD-3-Clause)",
+    "horse": "CC0 (Andreas Preuss, openclipart)",
     "immunohistochemistry": "no known copyright restrictions (CMMI)",
     "lfw_subset": "Labeled Faces in the Wild (UMass Amherst), news photos collected from the web; research use, no explicit licence",
-    "logo": "scikit-image logo, BSD-3-Clause",
+    "logo": "scikit-image logo (BSD-3-Clause)",
     "retina": "CC0 (Mikael Haggstrom, Wikimedia Commons)",
     "shepp_logan_phantom": "public domain (synthetic phantom)",
-    "stereo_motorcycle": "Middlebury 2014 stereo dataset (Scharstein et al.), free for research",
+    "stereo_motorcycle": "Middlebury 2014 stereo dataset (Scharstein et al.); cite the dataset when reusing",
 }
 
 
@@ -85,8 +88,8 @@ def _face(i: int, caption: str | None, copies: int) -> DemoImage:
 
 IMAGES: tuple[DemoImage, ...] = (
     # present 100 times
-    DemoImage("astronaut-helmet", "astronaut", (300, 0, 212), "a space helmet beside an orange flight suit", 100),
-    DemoImage("motorcycle", "stereo_motorcycle", (0, 120, 500), "a red motorcycle in a studio", 100),
+    DemoImage("astronaut-suit", "astronaut", (300, 0, 212), "a mission patch on an orange flight suit", 100),
+    DemoImage("motorcycle", "stereo_motorcycle", (0, 120, 500), "a red motorcycle in a workshop", 100),
     DemoImage("horse", "horse", (0, 36, 328), "the silhouette of a horse", 100),
     _face(4, None, 100),
     _face(94, None, 100),
@@ -99,7 +102,7 @@ IMAGES: tuple[DemoImage, ...] = (
     # present once, with a caption of their own
     DemoImage("retina", "retina", None, "a fundus photograph of a human retina", 1),
     DemoImage("logo", "logo", None, "the scikit-image logo", 1),
-    DemoImage("astronaut-patch", "astronaut", (290, 250, 222), "mission patches on an orange flight suit", 1),
+    DemoImage("astronaut-helmet", "astronaut", (290, 250, 222), "a black space helmet beside an orange flight suit", 1),
     DemoImage("motorcycle-tank", "stereo_motorcycle", (100, 300, 200), "the fuel tank of a red motorcycle", 1),
     DemoImage("phantom", "shepp_logan_phantom", None, "the Shepp-Logan phantom, a model of a head scan", 1),
     DemoImage("coffee", "coffee", (0, 100, 400), "a cup of espresso on a saucer, seen from above", 1),

@@ -81,5 +81,6 @@ def test_building_again_reproduces_the_shipped_files(tmp_path):
     train_dir = build_dataset(tmp_path)
     assert (train_dir / "captions.csv").read_bytes() == (DEMO_DATA_DIR / "captions.csv").read_bytes()
     assert (tmp_path / "prompts.txt").read_bytes() == DEMO_PROMPTS.read_bytes()
+    assert (tmp_path / "sources.csv").read_bytes() == DEMO_SOURCES.read_bytes()
     for f in sorted(DEMO_DATA_DIR.glob("*-000.png")):
         assert (train_dir / f.name).read_bytes() == f.read_bytes(), f.name
