@@ -417,3 +417,41 @@ def test_pairs_within_radius_match_brute_force(tmp_path: Path, rng: np.random.Ge
         assert got == want
     only = {p for a, b, _ in index.pairs_within(radius, np.array([101])) for p in zip(a.tolist(), b.tolist())}
     assert {(101, j) for j in range(102, 111)} <= only and all(p[0] == 101 for p in only)
+
+
+def test_clip_index_is_built_from_the_workspace_images(photo_ws: Workspace, tmp_path: Path):
+    """The clip index through the real open_clip path: a tiny random-weight architecture saved as a checkpoint."""
+    import json
+
+    import open_clip
+    import torch
+
+    torch.set_num_threads(1)
+    name = "memaudit-test-index-clip"
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
+           "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "clip.pt"
+    torch.save(open_clip.create_model(name).state_dict(), ckpt)
+    ws = photo_ws
+    ws.set_setting("clip_model", name)
+    ws.set_setting("clip_pretrained", str(ckpt))
+
+    index = TrainingIndex.open(ws, "clip")
+    assert (index.kind, index.count, index.dim, index.metric, index.messages) == ("flat", 4, 16, "cosine", [])
+    photos = [Image.open(ws.resolve(t)) for t in ws_paths(ws)]
+    ids, sims = index.search_images(photos, 4)
+    assert ids[:, 0].tolist() == [1, 2, 3, 4]
+    np.testing.assert_allclose(sims[:, 0], 1.0, atol=1e-5)
+    assert (np.diff(sims, axis=1) <= 1e-6).all()
+    assert TrainingIndex.open(ws, "clip").messages == []
+    os.utime(ckpt, ns=(1, 1))  # the checkpoint changed: its embeddings are stale
+    again = TrainingIndex.open(ws, "clip")
+    assert len(again.messages) == 1 and again.messages[0].startswith("the clip embedder settings changed")
+
+
+def ws_paths(ws: Workspace) -> list[str]:
+    with ws.connect() as con:
+        return [r[0] for r in con.execute("SELECT path FROM training_images ORDER BY id")]
