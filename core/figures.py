@@ -191,20 +191,3 @@ def precision_at_rank(precision: Sequence[float], *, title: str = "Precision of 
                                hovertemplate="top %{x}<br>precision %{y:.2f}<extra></extra>"))
     fig.update_yaxes(range=[0, 1.05])
     return _layout(fig, title, "candidates, most suspicious first", "precision")
-
-
-def difference_heatmap(diff: np.ndarray, *, title: str = "|generation - training|") -> "go.Figure":
-    """Per-pixel absolute difference (H, W) in [0, 1] as a heat-map, image orientation."""
-    import plotly.graph_objects as go
-
-    diff = np.asarray(diff, dtype=np.float32)
-    if diff.ndim != 2:
-        raise ValueError(f"difference map must be (H, W), got shape {diff.shape}")
-    fig = go.Figure(go.Heatmap(z=diff, colorscale="Magma", zmin=0.0, zmax=max(0.05, float(diff.max())),
-                               colorbar=dict(thickness=10, len=0.9),
-                               hovertemplate="x %{x}, y %{y}<br>|diff| %{z:.3f}<extra></extra>"))
-    fig.update_yaxes(autorange="reversed", scaleanchor="x", visible=False)
-    fig.update_xaxes(visible=False, constrain="domain")
-    fig = _layout(fig, title, "", "", height=300)
-    fig.update_layout(margin=dict(l=4, r=4, t=32, b=4))
-    return fig

@@ -94,17 +94,13 @@ def _bin_label(lo: int, hi: int | None) -> str:
 
 
 def bin_by_duplicates(rows: list[dict]) -> list[tuple[str, int, int]]:
-    """Group rows {k, prompts, extracted} into DUPLICATE_BINS, dropping empty bins past the largest k."""
-    if not rows:
-        return []
-    kmax = max(int(r["k"]) for r in rows)
+    """Group rows {k, prompts, extracted} into DUPLICATE_BINS; bins without a prompt are left out."""
     out = []
     for lo, hi in DUPLICATE_BINS:
-        if lo > kmax:
-            break
         inside = [r for r in rows if int(r["k"]) >= lo and (hi is None or int(r["k"]) <= hi)]
-        out.append((_bin_label(lo, hi), sum(int(r["prompts"]) for r in inside),
-                    sum(int(r["extracted"] or 0) for r in inside)))
+        n = sum(int(r["prompts"]) for r in inside)
+        if n:
+            out.append((_bin_label(lo, hi), n, sum(int(r["extracted"] or 0) for r in inside)))
     return out
 
 
@@ -273,6 +269,29 @@ def difference_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if a.shape != b.shape:
         raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
     return np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean(axis=2)
+
+
+# Anchors of the magma colour map (black -> purple -> orange -> pale yellow), evenly spaced.
+MAGMA = np.array([[0, 0, 4], [24, 15, 61], [68, 15, 118], [114, 31, 129], [158, 47, 127], [205, 64, 113],
+                  [241, 96, 93], [253, 150, 104], [254, 202, 141], [252, 253, 191]], dtype=np.float32)
+
+
+def colour_map(values: np.ndarray, vmax: float) -> np.ndarray:
+    """(H, W) values in [0, vmax] -> (H, W, 3) uint8 through MAGMA, linear between anchors; above vmax saturates."""
+    if vmax <= 0:
+        raise ValueError(f"vmax must be positive, got {vmax}")
+    t = np.clip(np.asarray(values, np.float32) / vmax, 0.0, 1.0) * (len(MAGMA) - 1)
+    lo = np.minimum(t.astype(np.int64), len(MAGMA) - 2)
+    frac = (t - lo)[..., None]
+    return np.round(MAGMA[lo] * (1 - frac) + MAGMA[lo + 1] * frac).astype(np.uint8)
+
+
+DIFFERENCE_VMAX = 0.25  # one fixed scale, so that colours compare across candidates
+
+
+def difference_image(a: np.ndarray, b: np.ndarray, vmax: float = DIFFERENCE_VMAX) -> tuple[np.ndarray, float]:
+    """The per-pixel |a - b| as a colour image on a fixed scale (black 0, pale yellow >= ``vmax``), and ``vmax``."""
+    return colour_map(difference_map(a, b), vmax), float(vmax)
 
 
 def blend(a: np.ndarray, b: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -53,10 +53,3 @@ def test_roc_and_pr_draw_one_curve_per_metric():
 def test_empty_input_says_so(build):
     fig = build()
     assert not fig.data and fig.layout.annotations[0].text.startswith("no")
-
-
-def test_difference_heatmap_checks_its_shape():
-    fig = figures.difference_heatmap(np.zeros((4, 4), np.float32))
-    assert fig.data[0].z.shape == (4, 4)
-    with pytest.raises(ValueError, match=r"\(H, W\)"):
-        figures.difference_heatmap(np.zeros((4, 4, 3)))

@@ -63,8 +63,7 @@ def test_bin_by_duplicates():
     rows = [{"k": 1, "prompts": 5, "extracted": 0}, {"k": 3, "prompts": 2, "extracted": 1},
             {"k": 2, "prompts": 1, "extracted": 1}, {"k": 300, "prompts": 4, "extracted": 4}]
     bins = views.bin_by_duplicates(rows)
-    assert bins[0] == ("1", 5, 0) and bins[1] == ("2-3", 3, 2) and bins[-1] == (">=256", 4, 4)
-    assert sum(n for _, n, _ in bins) == 12
+    assert bins == [("1", 5, 0), ("2-3", 3, 2), (">=256", 4, 4)]  # empty bins are left out
     assert views.bin_by_duplicates([{"k": 5, "prompts": 1, "extracted": None}])[-1] == ("4-7", 1, 0)
     assert views.bin_by_duplicates([]) == []
 
@@ -100,6 +99,19 @@ def test_difference_map_and_blend():
     np.testing.assert_allclose(views.blend(a, b, 0.25)[1, 1], 0.25)
     with pytest.raises(ValueError, match="differ in shape"):
         views.difference_map(a, b[:2])
+
+
+def test_difference_image_colours():
+    a = np.zeros((2, 2, 3), np.float32)
+    b = np.zeros((2, 2, 3), np.float32)
+    b[0, 0] = 0.5
+    b[0, 1] = 0.01
+    img, vmax = views.difference_image(a, b)
+    assert img.dtype == np.uint8 and img.shape == (2, 2, 3) and vmax == views.DIFFERENCE_VMAX
+    assert (img[1, 1] == views.MAGMA[0]).all() and (img[0, 0] == views.MAGMA[-1]).all()  # 0.5 saturates
+    assert 0 < img[0, 1].sum() < views.MAGMA[1].sum()  # a small difference stays dark on the fixed scale
+    mid = views.colour_map(np.array([[0.5 / 9]]), 0.5)  # one anchor step up: exactly the second anchor
+    assert (mid[0, 0] == views.MAGMA[1]).all()
 
 
 def test_display_image_and_data_uri(planted):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import audit, figures, views
+from core import audit, views
 from core.errors import MemauditError
 from core.store import Workspace
 from dashboard import ui
@@ -151,10 +151,9 @@ for gi, g in enumerate(found):
                 ui.show_image(ws, n.training.path, COMPARE,
                               caption=f"training #{n.rank + 1} · {n.training.caption or n.training.source_path}")
             with cols[2]:
-                fig = figures.difference_heatmap(views.difference_map(gen_arr, train_arr),
-                                                 title=f"|difference| · L2 {n.l2:.4f} · tiled {n.tiled_l2:.4f}")
-                fig.update_layout(height=COMPARE + 40, width=COMPARE + 80)
-                st.plotly_chart(fig, key=f"diff_{row.prompt_id}_{gi}", width="content")
+                diff, vmax = views.difference_image(gen_arr, train_arr)
+                st.image(views.upscale_nearest(diff, COMPARE), width=COMPARE, output_format="PNG",
+                         caption=f"|difference|: black 0, pale yellow ≥ {vmax:.2f} · L2 {n.l2:.4f} · tiled {n.tiled_l2:.4f}")
             with cols[3]:
                 if mode == "overlay":
                     alpha = st.slider("training weight", 0.0, 1.0, 0.5, 0.05, key=f"cmp_alpha_{row.prompt_id}_{gi}")

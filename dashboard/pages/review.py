@@ -11,7 +11,7 @@ import uuid
 
 import streamlit as st
 
-from core import audit, figures, labels, views
+from core import audit, labels, views
 from core.errors import MemauditError
 from dashboard import ui
 
@@ -128,9 +128,9 @@ with cols[2]:
     if blind:
         st.html(ui.blink_html(gen_arr, train_arr, BIG))
     else:
-        fig = figures.difference_heatmap(views.difference_map(gen_arr, train_arr))
-        fig.update_layout(height=BIG + 36)
-        st.plotly_chart(fig, key=f"review_diff_{c.id}")
+        diff, vmax = views.difference_image(gen_arr, train_arr)
+        st.image(views.upscale_nearest(diff, BIG), width=BIG, output_format="PNG",
+                 caption=f"|generation − training| per pixel: black 0, pale yellow ≥ {vmax:.2f}")
 
 if not blind:
     m = st.columns(5)

@@ -47,14 +47,14 @@ elif st.button(f"Send {len(chosen)}{' selected' if picked else ''} caption{'s' i
     st.switch_page("pages/generate.py")
 
 st.subheader("Near-duplicate groups")
-groups = views.duplicate_groups(ws, limit=12, per_group=8)
+groups = views.duplicate_groups(ws, limit=12, per_group=12)
 if not groups:
     st.caption("No near-duplicate groups: every training image is unique at the duplicate threshold.")
 for g in groups:
     with st.container(border=True):
         st.markdown(f"**{g.size} images** · " + (" · ".join(f"“{c}”" for c in g.captions[:3]) or "no caption")
                     + (f" · and {len(g.captions) - 3} more captions" if len(g.captions) > 3 else ""))
-        cols = st.columns(8)
+        cols = st.columns(12)
         for j, img in enumerate(g.images):
             with cols[j]:
-                ui.show_image(ws, img.path, 96, caption=f"#{img.id}", fill=True)
+                ui.show_image(ws, img.path, 72, caption=f"#{img.id}", fill=True)
