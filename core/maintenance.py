@@ -81,5 +81,5 @@ def verify(ws: Workspace) -> VerifyReport:
     for sub in ("generations", "training"):
         for p in (ws.root / sub).rglob("*"):
             if p.is_file() and p.resolve() not in known:
-                report.orphans.append(ws.rel(p))
+                report.orphans.append(p.relative_to(ws.root).as_posix())  # lexical: a symlink may lead outside
     return report
