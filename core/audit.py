@@ -204,7 +204,7 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
 
     settings = ws.settings()
     embedder = get_embedder(params.embedder, settings)
-    index = TrainingIndex.open(ws, params.embedder)
+    index = TrainingIndex.open(ws, params.embedder, embedder=embedder)
     pixels = _TrainingPixels(ws, size, training)
     k_search = min(len(training), max(params.neighbours, params.relative_n))
 

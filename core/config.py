@@ -81,6 +81,9 @@ _SETTINGS = [
     Setting("index_exact_max", 50_000, int,
             "Training sets up to this size use an exact faiss index; larger ones an IVF index "
             "whose candidates are re-ranked exactly.", 1, None),
+    Setting("index_nprobe", 16, int,
+            "IVF lists probed per query when the training set is larger than index_exact_max; "
+            "higher finds more true neighbours but is slower.", 1, None),
     Setting("clip_model", "ViT-B-32", str, "open_clip architecture for the 'clip' embedder."),
     Setting("clip_pretrained", "", str,
             "open_clip weights: a local checkpoint file, or a pretrained tag (needs network once)."),
