@@ -8,9 +8,11 @@ is started from any folder (Streamlit only reads ``.streamlit/config.toml`` from
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -85,6 +87,10 @@ def launch(ws: str | Path, port: int = 8501, host: str = "127.0.0.1", extra_args
         raise InputError(f"port {port} on {host} is already in use; pass another with --port N")
     print(f"memaudit dashboard: http://{host if ':' not in host else f'[{host}]'}:{port}  (Ctrl+C to stop)", flush=True)
     proc = subprocess.Popen(command(ws, port, host, extra_args, open_browser=open_browser))
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # a SIGTERM to the launcher stops the server too, instead of leaving it running alone
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -94,3 +100,10 @@ def launch(ws: str | Path, port: int = 8501, host: str = "127.0.0.1", extra_args
         except subprocess.TimeoutExpired:
             proc.kill()
             return proc.wait()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

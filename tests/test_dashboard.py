@@ -401,3 +401,35 @@ def test_launcher_refuses_a_taken_port_and_a_missing_workspace(tmp_path):
         s.listen()
         with pytest.raises(InputError, match="already in use"):
             launch.launch(ws.root, port=s.getsockname()[1])
+
+
+def test_launch_serves_the_workspace_and_stops_with_its_server(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    ws = empty_workspace(tmp_path / "ws")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = f"from dashboard.launch import launch; raise SystemExit(launch({str(ws.root)!r}, port={port}))"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        with pytest.raises(ConnectionRefusedError):  # the Streamlit child went with it
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
