@@ -82,6 +82,10 @@ if not rows:
     st.info("No prompt matches these filters at these thresholds.")
     st.stop()
 
+MAX_ROWS = 2000
+if len(rows) > MAX_ROWS:
+    st.caption(f"Showing the {MAX_ROWS} highest-ranked of {len(rows)} prompts; the filters narrow the list.")
+    rows = rows[:MAX_ROWS]
 table = st.dataframe(
     [{"#": i, "prompt": r.prompt, "generations": r.generations, "largest clique": r.largest_clique,
       "flagged": r.flagged, "extracted": r.extracted,

@@ -6,10 +6,55 @@ import streamlit as st
 
 from core import audit, figures, views
 from core.errors import MemauditError
+from core.store import Workspace
 from dashboard import ui
 
 st.title("Overview")
 ws = ui.workspace()
+
+AUDIT_JOB = (str(ws.root), "audit")
+registry = ui.jobs()
+job = registry.get(AUDIT_JOB)
+auditing = job is not None and job.status().running
+
+
+def start_audit() -> None:
+    root = str(ws.root)
+
+    def work(progress, should_stop):
+        return audit.run_audit(Workspace(root), progress=lambda stage, done, total: progress(done, total))
+
+    try:
+        registry.start(AUDIT_JOB, "audit", work)
+    except MemauditError as e:
+        st.session_state["overview_error"] = str(e)
+
+
+@st.fragment(run_every=1.0 if auditing else None)
+def audit_panel() -> None:
+    """Start an audit with the workspace's settings, and follow it while it runs."""
+    job = registry.get(AUDIT_JOB)
+    s = job.status() if job is not None else None
+    if s is not None and s.running:
+        st.session_state["overview_was_auditing"] = True
+        st.progress(s.fraction, text=f"auditing: prompt {s.done} of {s.total or '?'}")
+        return
+    if st.session_state.pop("overview_was_auditing", False):
+        st.rerun()  # show the new run everywhere
+    if s is not None and s.state == "failed":
+        st.error(s.error or "the audit failed")
+    counts = ws.counts()
+    ready = counts["generations"] > 0 and counts["training_images"] > 0
+    settings = ws.settings()
+    first = not ui.runs(ws)
+    st.button(f"Audit {'now' if first else 'again'} with the workspace settings", type="primary" if first else "secondary",
+              disabled=not ready, on_click=start_audit, key="overview_audit",
+              help=(f"A new audit run: tau {settings['edge_threshold']:g}, k {settings['min_clique']}, "
+                    f"delta {settings['delta']:g}, grid {settings['grid']}; earlier runs are kept.") if ready else
+              "Needs generations (Generate page) and training images (`memaudit add-training`).")
+    if msg := st.session_state.pop("overview_error", None):
+        st.error(msg)
+
 
 if not ui.runs(ws):
     counts = ws.counts()
@@ -18,20 +63,7 @@ if not ui.runs(ws):
     c[0].metric("Generations", counts["generations"])
     c[1].metric("Prompts", counts["prompts"])
     c[2].metric("Training images", counts["training_images"])
-    ready = counts["generations"] > 0 and counts["training_images"] > 0
-    if st.button("Audit now with the workspace settings", type="primary", disabled=not ready,
-                 help=None if ready else "Needs generations (Generate page) and training images (`memaudit add-training`)."):
-        bar = st.progress(0.0, text="auditing")
-
-        def progress(stage: str, done: int, total: int) -> None:
-            bar.progress(done / max(total, 1), text=f"{stage}: prompt {done} of {total}")
-
-        try:
-            audit.run_audit(ws, progress=progress)
-        except MemauditError as e:
-            st.error(str(e))
-            st.stop()
-        st.rerun()
+    audit_panel()
     st.stop()
 
 run = ui.run_id(ws)
@@ -77,3 +109,6 @@ with right:
     st.plotly_chart(figures.clique_size_distribution(views.largest_clique_sizes(ws, run), min_clique=params.min_clique),
                     key="cliques")
     st.caption(f"Largest clique of each prompt at tau = {params.edge_threshold:g}; prompts right of the line are flagged.")
+
+st.divider()
+audit_panel()
