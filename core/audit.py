@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,8 +187,22 @@ class _TrainingPixels:
 
 
 # ---------------------------------------------------------------------------- the run
-def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progress | None = None) -> int:
-    """Audit every prompt of the workspace; return the new run's id."""
+def _lap(timings: dict[str, float] | None, stage: str, start: float) -> float:
+    """Add the seconds since ``start`` to ``timings[stage]`` (when timings is a dict); return the clock now."""
+    t = time.perf_counter()
+    if timings is not None:
+        timings[stage] = timings.get(stage, 0.0) + (t - start)
+    return t
+
+
+def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progress | None = None,
+              timings: dict[str, float] | None = None) -> int:
+    """Audit every prompt of the workspace; return the new run's id.
+
+    ``timings``, when given, is filled with the wall-clock seconds spent in each stage, summed
+    over prompts: setup, decode, retrieve, exact_neighbours, distances, cliques, curve, save_cache, store.
+    """
+    clock = time.perf_counter()
     from .cliques import clique_groups
     from .distances import check_grid, pairwise_tiled_l2
     from .embed import get_embedder
@@ -208,6 +223,7 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
     pixels = _TrainingPixels(ws, size, training)
     k_search = min(len(training), max(params.neighbours, params.relative_n))
 
+    clock = _lap(timings, "setup", clock)
     remove_abandoned_runs(ws)
     with ws.transaction() as con:
         run_id = con.execute("INSERT INTO audit_runs(created_at, status, params) VALUES (?, 'running', ?)",
@@ -229,12 +245,15 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
             gens = by_prompt[pid]
             if progress:
                 progress("audit", p_index, len(prompt_ids))
+            clock = time.perf_counter()
             images = _decode(ws, [g.path for g in gens], size)
+            clock = _lap(timings, "decode", clock)
             base = len(all_gen_ids)
             all_gen_ids.extend(g.id for g in gens)
 
             # nearest training images of every generation: retrieval, then exact distances
             ids, sim = _retrieve(embedder, index, images, k_search)
+            clock = _lap(timings, "retrieve", clock)
             l2, tiled = _exact_to_training(images, ids, pixels, params.grid)
             order = np.argsort(l2, axis=1, kind="stable")
             ids, sim = np.take_along_axis(ids, order, 1), np.take_along_axis(sim, order, 1)
@@ -244,20 +263,26 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
             keep = min(params.neighbours, l2.shape[1])
             nn_ids.append(ids[:, :keep]); nn_l2.append(l2[:, :keep]); nn_tiled.append(tiled[:, :keep])
             nn_sim.append(sim[:, :keep]); nn_rel.append(rel)
+            clock = _lap(timings, "exact_neighbours", clock)
 
             if gens[0].prompt is None:
                 groups = []  # unconditional: judged per generation by relative L2 below
             else:
                 dist = pairwise_tiled_l2(images, grid=params.grid).cpu().numpy().astype(np.float32)
                 np.fill_diagonal(dist, 0.0)
+                clock = _lap(timings, "distances", clock)
                 np.save(cache / f"prompt-{pid}.npy", dist)
+                clock = _lap(timings, "save_cache", clock)
                 # the largest clique is always kept (even of size 1: every prompt gets a candidate, so
                 # Figure 5 can attribute it); further groups only down to group_min_size
                 groups = clique_groups(dist, params.edge_threshold, 1, params.max_groups)
                 groups = groups[:1] + [g for g in groups[1:] if g.size >= params.group_min_size]
+                clock = _lap(timings, "cliques", clock)
                 _fill_curve(dist, p_index, base, curve_size, curve_medoid, curve_mean)
+                clock = _lap(timings, "curve", clock)
             results.append((pid, gens, groups, base, l2, tiled, rel, ids, sim))
 
+        clock = time.perf_counter()
         gen_ids = np.asarray(all_gen_ids, dtype=np.int64)
         empty_f = np.zeros((0, params.neighbours), np.float32)
         np.save(cache / "gen_ids.npy", gen_ids)
@@ -268,8 +293,10 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
         np.save(cache / "nn_rel.npy", np.concatenate(nn_rel) if nn_rel else np.zeros(0, np.float32))
         np.savez(cache / "curves.npz", taus=TAU_GRID, prompt_ids=np.asarray(prompt_ids, np.int64),
                  size=curve_size, medoid=curve_medoid, mean=curve_mean)
+        clock = _lap(timings, "save_cache", clock)
 
         _store_results(ws, run_id, params, results)
+        _lap(timings, "store", clock)
     except BaseException:
         with ws.transaction() as con:
             con.execute("DELETE FROM audit_runs WHERE id = ?", (run_id,))

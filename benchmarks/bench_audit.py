@@ -1,0 +1,103 @@
+"""The audit end to end: prompts audited per minute at 500 generations per prompt, time per stage.
+
+Workspace (benchmarks/workspaces.py): the demo training set (641 files, 56 distinct
+32 x 32 images) and 100 prompts x 500 generations of 32 x 32 (``--smoke``: 10 x 50),
+most prompts novel, one in ten with a planted clique of 50, 100, 200 or 400 near-copies
+of a training image. ``core.audit.run_audit`` runs once with the default settings
+(pixel embedder, grid 4, tau 0.1, 50 neighbours searched per generation, tau curve over
+61 taus) and fills its per-stage timings:
+
+* setup: settings, embedder, training index; decode: PNG -> float32 at the working size;
+* retrieve: embedding + index search; exact_neighbours: exact and tiled L2 to the retrieved
+  training images; distances: pairwise tiled L2 inside the prompt;
+* cliques: the prompt's clique groups at tau; curve: the largest clique (size, medoid,
+  mean distance) at every tau of the grid (``_fill_curve``);
+* save_cache: the per-run cache arrays; store: candidates, members and neighbours rows.
+
+Then, on the cached distance matrices of one novel and one planted prompt, the tau curve
+as the audit computes it (``_fill_curve``: one ``clique_groups`` call per distinct graph
+of the grid) against ``core.cliques.largest_clique_curve`` (sizes only), to show what the
+curve stage costs and what a cheaper curve would save.
+
+    python -m benchmarks.bench_audit [--smoke] [--prompts P] [--per-prompt N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from benchmarks.common import print_table, write_json
+from benchmarks.workspaces import audited_workspace, du_mb, stage_rows
+
+
+def curve_rows(ws, run_id: int, planted: dict[int, int]) -> list[dict]:
+    from core.audit import TAU_GRID, RunCache, _fill_curve
+    from core.cliques import largest_clique_curve
+
+    cache = RunCache(ws, run_id)
+    novel = [int(p) for p in cache.prompt_ids if int(p) not in planted]
+    picks = [("novel", novel[0])] if novel else []
+    if planted:
+        big = max(planted, key=planted.get)
+        picks.append((f"planted {planted[big]}", big))
+    rows = []
+    for kind, pid in picks:
+        dist = cache.distances(pid)
+        upper = dist[np.triu_indices(len(dist), 1)]
+        graphs = len({int(np.count_nonzero(upper <= t)) for t in TAU_GRID})
+        n = len(TAU_GRID)
+        size, med, mean = np.zeros((1, n), np.int32), np.zeros((1, n), np.int64), np.zeros((1, n), np.float32)
+        t0 = time.perf_counter()
+        _fill_curve(dist, 0, 0, size, med, mean)
+        fill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sizes = largest_clique_curve(dist, TAU_GRID)
+        lcc_s = time.perf_counter() - t0
+        rows.append({"prompt": kind, "generations": len(dist), "distinct_graphs": graphs,
+                     "fill_curve_s": fill_s, "largest_clique_curve_s": lcc_s,
+                     "ratio": fill_s / lcc_s if lcc_s else float("inf"),
+                     "sizes_agree": bool(np.array_equal(np.asarray(sizes), size[0])),
+                     "size_at_0.1_0.2_0.3": [int(size[0, int(np.argmin(np.abs(TAU_GRID - t)))]) for t in (0.1, 0.2, 0.3)]})
+    return rows
+
+
+def main(smoke: bool = False, prompts: int | None = None, per_prompt: int | None = None) -> dict:
+    import torch
+
+    from core.audit import count_summary
+    from core.store import Workspace
+
+    prompts = prompts or (10 if smoke else 100)
+    per_prompt = per_prompt or (50 if smoke else 500)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    a = audited_workspace(prompts, per_prompt)
+    ws = Workspace.open(a.built.root)
+    rate = 60.0 * prompts / a.audit_seconds
+    print(f"workspace: {prompts} prompts x {per_prompt} generations (32 x 32), {len(a.built.planted)} planted cliques "
+          f"{sorted(a.built.planted.values())}; built in {a.built.seconds['training']:.1f} s (training) + "
+          f"{a.built.seconds['generations']:.1f} s (generations), {du_mb(a.built.root):.0f} MB on disk")
+    print(f"run_audit: {a.audit_seconds:.1f} s = {rate:.1f} prompts per minute at {per_prompt} generations per prompt\n")
+    stages = stage_rows(a)
+    print_table(stages, ["stage", "seconds", "share", "ms_per_prompt"], title="run_audit stages (summed over prompts)")
+    summary = count_summary(ws, a.run_id)
+    curves = curve_rows(ws, a.run_id, a.built.planted)
+    print_table(curves, ["prompt", "generations", "distinct_graphs", "fill_curve_s", "largest_clique_curve_s", "ratio",
+                         "sizes_agree", "size_at_0.1_0.2_0.3"],
+                title="tau curve of one prompt: the audit's _fill_curve vs largest_clique_curve (sizes only)")
+    return write_json("audit", smoke, {
+        "prompts": prompts, "per_prompt": per_prompt, "planted": {str(k): v for k, v in a.built.planted.items()},
+        "build_seconds": a.built.seconds, "audit_seconds": a.audit_seconds, "prompts_per_minute": rate,
+        "stages": stages, "summary": summary, "curve": curves, "torch_threads": torch.get_num_threads(),
+    })
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="10 prompts x 50 generations, seconds")
+    p.add_argument("--prompts", type=int)
+    p.add_argument("--per-prompt", type=int)
+    args = p.parse_args()
+    main(args.smoke, args.prompts, args.per_prompt)

@@ -1,0 +1,200 @@
+"""Synthetic audit workspaces for the audit and dashboard benchmarks, built cheaply.
+
+``build_workspace(root, prompts, per_prompt)`` makes a workspace holding
+
+* the demo training set (assets/demo/train: 641 files of 56 distinct 32 x 32 images,
+  duplicated 100, 10 and 1 times), ingested with ``core.training.add_training``;
+* ``prompts`` x ``per_prompt`` generations, 32 x 32 PNGs written straight into
+  WS/generations/<prompt_id>/ and inserted as imported rows (source 'import', one
+  transaction per prompt), the rows ``core.importer.import_generations`` would make
+  without its per-file fsync, decode check and manifest parsing.
+
+Structure of a prompt's generations:
+
+* novel (most prompts): every image is the prompt's own smooth random base image b mixed
+  with an image-specific smooth random image r_i (6 x 6 uniform noise upsampled, contrast
+  stretched 1.5x around 0.5), ``x_i = (1 - w_i) b + w_i r_i`` with w_i uniform in
+  [0.5, 1]: pairwise tiled L2 (4 x 4 grid) from about 0.2 to 0.6, median 0.42, 3% of
+  pairs within 0.3 (the tau curve's heavy end); and 2% of images are near-copies of
+  another image of the prompt (Gaussian pixel noise of standard deviation 0.02 to 0.08),
+  sparse edges at tau 0.1 to 0.2 as chance look-alikes give;
+* memorised (one prompt in ``plant_every``, the first one included): ``clique`` of its
+  generations are near-identical copies of one training image, the training image plus
+  Gaussian pixel noise of standard deviation 0.01 to 0.03 (pairwise normalised L2 about
+  0.02 to 0.045: one clique at tau 0.1), the rest novel. Clique sizes cycle through
+  50, 100, 200, 400 (scaled by ``per_prompt / 500``, at least 12).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SIZE = 32
+CLIQUE_SIZES = (50, 100, 200, 400)  # at 500 generations per prompt
+
+
+@dataclass
+class BuiltWorkspace:
+    root: Path
+    prompts: int
+    per_prompt: int
+    planted: dict[int, int] = field(default_factory=dict)  # prompt_id -> planted clique size
+    seconds: dict[str, float] = field(default_factory=dict)  # training, generations
+
+
+def _smooth(rng: np.random.Generator, n: int, cells: int = 6) -> np.ndarray:
+    """n smooth random RGB images (N, SIZE, SIZE, 3) in [0, 1]: cells x cells noise, bilinear upsampled."""
+    import torch
+    import torch.nn.functional as F
+
+    low = torch.from_numpy(rng.random((n, 3, cells, cells), dtype=np.float32))
+    up = F.interpolate(low, size=(SIZE, SIZE), mode="bilinear", align_corners=True)
+    return up.permute(0, 2, 3, 1).numpy()
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _training_images(data_dir: Path) -> list[np.ndarray]:
+    from core.images import load_working
+
+    seen: dict[str, np.ndarray] = {}
+    for p in sorted(data_dir.glob("*.png")):
+        h = hashlib.sha256(p.read_bytes()).hexdigest()
+        if h not in seen:
+            seen[h] = load_working(p, SIZE)
+    return list(seen.values())
+
+
+def build_workspace(root: str | Path, prompts: int, per_prompt: int, *, plant_every: int = 10,
+                    seed: int = 0) -> BuiltWorkspace:
+    """Create the workspace described in the module docstring at ``root`` (which must not exist)."""
+    from core.demo_data import DEMO_DATA_DIR
+    from core.store import Workspace, now
+    from core.training import add_training
+
+    root = Path(root)
+    ws = Workspace.init(root)
+    built = BuiltWorkspace(root, prompts, per_prompt)
+    t0 = time.perf_counter()
+    add_training(ws, DEMO_DATA_DIR, captions=DEMO_DATA_DIR / "captions.csv")
+    built.seconds["training"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    train = _training_images(DEMO_DATA_DIR)
+    scale = per_prompt / 500
+    planted_count = 0
+    for p in range(prompts):
+        text = f"synthetic prompt {p:04d}"
+        base = _smooth(rng, 1)[0]
+        w = rng.uniform(0.5, 1.0, (per_prompt, 1, 1, 1)).astype(np.float32)
+        images = (1 - w) * base + w * np.clip((_smooth(rng, per_prompt) - 0.5) * 1.5 + 0.5, 0, 1)
+        alike = rng.choice(per_prompt, max(1, per_prompt // 50), replace=False)
+        images[alike] = images[rng.integers(per_prompt, size=len(alike))] + rng.normal(
+            0.0, 1.0, (len(alike), SIZE, SIZE, 3)).astype(np.float32) * rng.uniform(0.02, 0.08, (len(alike), 1, 1, 1)).astype(np.float32)
+        clique = 0
+        if p % plant_every == 0:
+            clique = min(per_prompt, max(12, round(CLIQUE_SIZES[planted_count % len(CLIQUE_SIZES)] * scale)))
+            planted_count += 1
+            target = train[int(rng.integers(len(train)))]
+            noise = rng.normal(0.0, 1.0, (clique, SIZE, SIZE, 3)).astype(np.float32) * rng.uniform(0.01, 0.03, (clique, 1, 1, 1)).astype(np.float32)
+            members = rng.choice(per_prompt, clique, replace=False)
+            images[members] = target + noise
+        pixels = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+        with ws.transaction() as con:
+            pid = ws.prompt_id(text, con)
+            folder = root / "generations" / str(pid)
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = []
+            created = now()
+            for j in range(per_prompt):
+                data = _png(pixels[j])
+                sha = hashlib.sha256(data).hexdigest()
+                rel = f"generations/{pid}/import-{j:05d}-{sha[:12]}.png"
+                (root / rel).write_bytes(data)
+                origin = f"/synthetic/{pid}/{j}.png"
+                rows.append((pid, j, rel, sha, SIZE, SIZE, origin, json.dumps({"origin": origin}), created))
+            con.executemany(
+                "INSERT INTO generations(prompt_id, model_id, seed, path, sha256, width, height, steps, guidance, "
+                "scheduler, source, origin, params, created_at) VALUES (?, NULL, ?, ?, ?, ?, ?, NULL, NULL, NULL, "
+                "'import', ?, ?, ?)", rows)
+        if clique:
+            built.planted[pid] = clique
+    built.seconds["generations"] = time.perf_counter() - t0
+    return built
+
+
+def du_mb(root: Path) -> float:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, f))
+            except OSError:
+                pass
+    return total / 2**20
+
+
+@dataclass
+class AuditedWorkspace:
+    built: BuiltWorkspace
+    run_id: int
+    audit_seconds: float
+    timings: dict[str, float]  # run_audit's per-stage seconds
+
+
+_AUDITED: dict[tuple[int, int], AuditedWorkspace] = {}
+
+
+def audited_workspace(prompts: int, per_prompt: int) -> AuditedWorkspace:
+    """A workspace from ``build_workspace`` in a temporary folder, audited once with the default settings.
+
+    Kept for the life of the process (``run_all`` runs bench_audit and bench_recount in one process,
+    and the second reuses the first's workspace and audit); the folder is removed at exit.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    from core.audit import run_audit
+    from core.store import Workspace
+
+    key = (prompts, per_prompt)
+    if key not in _AUDITED:
+        tmp = tempfile.mkdtemp(prefix="memaudit-bench-")
+        atexit.register(shutil.rmtree, tmp, True)
+        built = build_workspace(Path(tmp) / "ws", prompts, per_prompt)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        run_id = run_audit(Workspace.open(built.root), timings=timings)
+        _AUDITED[key] = AuditedWorkspace(built, run_id, time.perf_counter() - t0, timings)
+    return _AUDITED[key]
+
+
+STAGES = ("setup", "decode", "retrieve", "exact_neighbours", "distances", "cliques", "curve", "save_cache", "store")
+
+
+def stage_rows(a: AuditedWorkspace) -> list[dict]:
+    """One row per run_audit stage: seconds, share of the audit's wall time, ms per prompt."""
+    rows = []
+    for stage in STAGES + tuple(s for s in a.timings if s not in STAGES):
+        sec = a.timings.get(stage, 0.0)
+        rows.append({"stage": stage, "seconds": sec, "share": sec / a.audit_seconds if a.audit_seconds else 0.0,
+                     "ms_per_prompt": 1000 * sec / a.built.prompts})
+    rows.append({"stage": "total (wall)", "seconds": a.audit_seconds, "share": 1.0,
+                 "ms_per_prompt": 1000 * a.audit_seconds / a.built.prompts})
+    return rows
