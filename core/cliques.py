@@ -428,6 +428,26 @@ def _first_smallest(approx: Sequence[float], exact: Callable[[int], float]) -> i
     return int(min(near, key=lambda i: (exact(int(i)), int(i))))
 
 
+def _truss(adj: np.ndarray, index: np.ndarray, common: int, rounds: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Drop edges with fewer than ``common`` common neighbours (in no clique of common + 2),
+    then the vertices left without edges. Every clique of common + 2 or more survives.
+    Only for sparse graphs (at most 8 edges a vertex), where it removes most of the graph."""
+    iu, ju = np.nonzero(np.triu(adj, 1))
+    if len(iu) > 8 * len(adj):
+        return adj, index
+    adj = adj.copy()
+    for _ in range(rounds):
+        nbr = _bitsets(adj)
+        weak = np.array([(nbr[i] & nbr[j]).bit_count() < common for i, j in zip(iu.tolist(), ju.tolist())],
+                        dtype=bool)
+        if not weak.any():
+            break
+        adj[iu[weak], ju[weak]] = adj[ju[weak], iu[weak]] = False
+        iu, ju = iu[~weak], ju[~weak]
+    alive = np.flatnonzero(adj.any(axis=1))
+    return adj[np.ix_(alive, alive)], index[alive]
+
+
 def _best_clique(adj: np.ndarray, dist: np.ndarray | None, index: np.ndarray, size: int,
                  counter: _Counter) -> list[int] | None:
     """The tie-broken maximum clique of adj if it has more than ``size`` vertices, else None.
@@ -440,6 +460,10 @@ def _best_clique(adj: np.ndarray, dist: np.ndarray | None, index: np.ndarray, si
         return None
     if len(cand) < len(adj):
         adj, index = adj[np.ix_(cand, cand)], index[cand]
+    if size >= 2:
+        adj, index = _truss(adj, index, size - 1)
+        if len(adj) <= size:
+            return None
     clique = _larger_clique(adj, size, [], counter)
     if clique is None:
         return None

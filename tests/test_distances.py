@@ -242,8 +242,13 @@ def pruning_set(size: int = 64) -> np.ndarray:
     return np.concatenate(groups)
 
 
+@pytest.mark.parametrize("components", [True, False], ids=["components", "default"])
 @pytest.mark.parametrize("upper", [0.0, 0.05, 0.1, 0.15])
-def test_pruning_changes_no_edge_at_any_tau_up_to_upper(upper):
+def test_pruning_changes_no_edge_at_any_tau_up_to_upper(upper, components, monkeypatch):
+    """Most of these images have a close pair: by default pruning computes everything
+    from upper = 0.1; with components forced, the close pairs are computed by blocks."""
+    if components:
+        monkeypatch.setattr(distances, "FULL_FRACTION", 1.01)
     x = pruning_set()
     full = pairwise_tiled_l2(x, grid=4).numpy()
     pruned = pairwise_tiled_l2(x, grid=4, upper=upper).numpy()
@@ -254,8 +259,10 @@ def test_pruning_changes_no_edge_at_any_tau_up_to_upper(upper):
     assert np.all(pruned[~computed] > upper) and np.all(ref[~computed] > upper)
     assert np.all(pruned <= ref + 5e-5)
     assert np.all(computed[ref <= upper + 1e-3])
-    if upper >= 0.1:
+    if upper >= 0.1 and components:
         assert (~computed).sum() > len(x) * (len(x) - 1) * 0.5  # most pairs were pruned
+    if upper >= 0.1 and not components:
+        assert np.array_equal(pruned, full)  # everything computed, as without pruning
     # every distinct graph {d <= tau} with tau <= upper: taus midway between consecutive distances
     levels = np.unique(np.concatenate([[0.0], ref[np.triu_indices(len(x), 1)], [upper + 1.0]]))
     taus = [(lo + hi) / 2 for lo, hi in zip(levels[:-1], levels[1:]) if (lo + hi) / 2 <= upper and hi - lo > 2e-4]
