@@ -579,7 +579,8 @@ def clique_groups(dist: np.ndarray, tau: float, min_size: int, max_groups: int, 
     the other members; ties to the smaller index; a single member is its own),
     ``mean_distance`` (mean of dist[i, j] over pairs i < j of members; 0 for one).
     Ties between maximum cliques go to the smaller mean distance, then to the
-    sorted members that come first.
+    sorted members that come first (beyond TIE_LIMIT tied cliques, a greedy
+    deterministic choice: see the module docstring).
     """
     d = _check_distances(dist)
     t = _check_tau(tau)

@@ -368,7 +368,8 @@ def _fingerprints(x: torch.Tensor, rows: list[int]) -> dict[int, int]:
         idx = torch.tensor(rows[s:s + per], dtype=torch.long, device=x.device)
         raw = x[idx].reshape(len(idx), -1).view(bits_of[x.dtype])
         shift = max(0, raw.element_size() * 8 - 24)
-        # the 24 high bits times weights below 2^16, over at most 2^23 values: no overflow
+        # the 24 high bits times weights below 2^16: no overflow below 2^23 values a image (beyond,
+        # int64 wraps around, which only weakens the digest: equality is checked value by value)
         digest = ((raw.to(torch.int64) >> shift) * weights).sum(dim=1)
         out.update(zip(rows[s:s + per], digest.tolist()))
     return out
@@ -529,10 +530,11 @@ def pairwise_tiled_l2(a: Array, b: Array | None = None, grid: int = 4, *, device
     differences (see the module docstring: product form, centring, recomputation).
 
     ``upper``: compute full-resolution distances only for pairs whose pooled lower
-    bound is <= upper + 1e-3; the others are returned as that lower bound (> upper).
-    The graph {D <= tau} is unchanged for every tau <= upper. ``pool`` is the
-    pooling factor of the lower bound (default: the largest of 8, 4, 2 that
-    divides the tile and leaves at least 4 x 4 pooled pixels per tile).
+    bound is <= upper + 1e-3; the others are returned as that lower bound (> upper),
+    so no edge {D <= tau} with tau <= upper changes. When half the images or more
+    have such a close pair, every pair is computed. ``pool`` is the pooling
+    factor of the lower bound (default: the largest of 8, 4, 2 that divides the
+    tile and leaves at least 4 x 4 pooled pixels per tile).
     """
     ta, tb = _pair(a, b)
     _check_tiles(ta, grid)
