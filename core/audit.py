@@ -429,7 +429,9 @@ def _store_results(ws: Workspace, run_id: int, params: AuditParams, results: lis
                     flagged = len(members) >= params.min_clique
                     # the attack reports an extraction only for flagged cliques (PAPER.md step 5)
                     extracted = flagged and bool(l2[med, 0] <= params.delta)
-                    score = (0.0 if flagged else 1.0) + min(float(mean_d), 0.999999)
+                    # flagged cliques by mean distance (the paper's ranking); the unflagged after them,
+                    # larger cliques first, so a lone generation never outranks a clique of six
+                    score = min(float(mean_d), 0.999999) if flagged else 1.0 + 0.5 / len(members) + 0.49 * min(float(mean_d), 1.0)
                 cid = con.execute(
                     "INSERT INTO candidates(run_id, prompt_id, group_rank, clique_size, mean_distance, flagged, "
                     "medoid_generation_id, nearest_training_id, l2, tiled_l2, relative_l2, extracted, score) "

@@ -247,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if args.open:
         from dashboard.launch import launch
 
-        raise SystemExit(launch(args.workspace, port=args.port, host="127.0.0.1"))
+        raise SystemExit(launch(args.workspace, port=args.port, host="127.0.0.1", open_browser=True))
 
 
 # ---------------------------------------------------------------------------- parser

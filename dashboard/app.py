@@ -14,7 +14,6 @@ except ImportError:  # `streamlit run dashboard/app.py` from a checkout that is 
     from dashboard import ui
 
 st.set_page_config(page_title="memaudit", page_icon=":material/policy:", layout="wide")
-ui.mark_app_run()
 ui.set_workspace_from_args(sys.argv[1:])
 
 page = st.navigation(ui.pages())

@@ -22,7 +22,6 @@ from core.store import Workspace
 
 from .jobs import JobRegistry
 
-APP_KEY = "memaudit_app"  # set by app.py on every run
 WS_KEY = "memaudit_workspace"
 RUN_KEY = "memaudit_run"
 ENV_WS = "MEMAUDIT_WORKSPACE"
@@ -32,13 +31,13 @@ ENV_WS = "MEMAUDIT_WORKSPACE"
 def pages() -> list[st.Page]:
     """The dashboard's pages (paths relative to app.py)."""
     return [
-        st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", default=True),
-        st.Page("pages/generate.py", title="Generate", icon=":material/auto_awesome:"),
-        st.Page("pages/cliques.py", title="Cliques", icon=":material/hub:"),
-        st.Page("pages/review.py", title="Review", icon=":material/rate_review:"),
-        st.Page("pages/calibrate.py", title="Calibrate", icon=":material/tune:"),
-        st.Page("pages/training.py", title="Training data", icon=":material/photo_library:"),
-        st.Page("pages/export.py", title="Export", icon=":material/download:"),
+        st.Page("app_pages/overview.py", title="Overview", icon=":material/dashboard:", default=True),
+        st.Page("app_pages/generate.py", title="Generate", icon=":material/auto_awesome:"),
+        st.Page("app_pages/cliques.py", title="Cliques", icon=":material/hub:"),
+        st.Page("app_pages/review.py", title="Review", icon=":material/rate_review:"),
+        st.Page("app_pages/calibrate.py", title="Calibrate", icon=":material/tune:"),
+        st.Page("app_pages/training.py", title="Training data", icon=":material/photo_library:"),
+        st.Page("app_pages/export.py", title="Export", icon=":material/download:"),
     ]
 
 
@@ -64,19 +63,8 @@ def try_workspace() -> Workspace | None:
         return None
 
 
-def mark_app_run() -> None:
-    st.session_state[APP_KEY] = True
-
-
 def workspace() -> Workspace:
     """The session's workspace, or a one-sentence message and a stopped page."""
-    if APP_KEY not in st.session_state:
-        # Streamlit runs a page file on its own, without app.py, when a fresh server's first
-        # visitor opens a page's address: a folder named pages/ beside the main script keeps it
-        # in the old pages-directory mode until st.navigation has been called once. Calling it
-        # here ends that mode; the rerun goes through app.py and lands on the same page.
-        st.navigation(pages(), position="hidden")
-        st.rerun()
     path = st.session_state.get(WS_KEY)
     if not path:
         st.info("No workspace is open: start the dashboard with `memaudit dashboard WS`.")

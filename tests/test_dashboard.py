@@ -29,7 +29,7 @@ def open_app(ws=None, page: str | None = None, path: str | None = None, **state)
     for key, value in state.items():
         at.session_state[key] = value
     if page and page != "overview":
-        at.switch_page(f"pages/{page}.py")
+        at.switch_page(f"app_pages/{page}.py")
     return at.run()
 
 

@@ -44,7 +44,7 @@ if not chosen:
     st.caption("None of these groups has a caption: add captions with `memaudit add-training WS FOLDER --captions FILE`.")
 elif st.button(f"Send {len(chosen)}{' selected' if picked else ''} caption{'s' if len(chosen) != 1 else ''} to Generate",
                type="primary", on_click=send, args=(chosen,), key="training_send"):
-    st.switch_page("pages/generate.py")
+    st.switch_page("app_pages/generate.py")
 
 st.subheader("Near-duplicate groups")
 groups = views.duplicate_groups(ws, limit=12, per_group=12)
