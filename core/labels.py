@@ -18,6 +18,11 @@ from .records import LABELS, Candidate, LabelEvent
 from .store import Workspace, now
 
 
+# The ids of undone events. As a list subquery SQLite evaluates it once into a temporary b-tree; the
+# correlated form (NOT EXISTS ... WHERE u.undoes = e.id) scans every event for every event, O(n^2).
+_UNDONE = "SELECT undoes FROM label_events WHERE undoes IS NOT NULL"
+
+
 def _check_reviewer(reviewer: str) -> str:
     reviewer = (reviewer or "").strip()
     if not reviewer:
@@ -66,7 +71,7 @@ def undo_last(ws: Workspace, reviewer: str, token: str | None = None) -> int | N
             return done
         target = con.execute(
             "SELECT * FROM label_events e WHERE reviewer = ? AND label IS NOT NULL "
-            "AND NOT EXISTS (SELECT 1 FROM label_events u WHERE u.undoes = e.id) ORDER BY id DESC LIMIT 1", (reviewer,)).fetchone()
+            f"AND e.id NOT IN ({_UNDONE}) ORDER BY id DESC LIMIT 1", (reviewer,)).fetchone()
         if target is None:
             return None
         return con.execute(
@@ -88,7 +93,7 @@ def current_labels(ws: Workspace) -> dict[Pair, dict[str, str]]:
     with ws.connect() as con:
         rows = con.execute(
             "SELECT e.generation_id, e.training_id, e.reviewer, e.label FROM label_events e "
-            "WHERE e.label IS NOT NULL AND NOT EXISTS (SELECT 1 FROM label_events u WHERE u.undoes = e.id) ORDER BY e.id").fetchall()
+            f"WHERE e.label IS NOT NULL AND e.id NOT IN ({_UNDONE}) ORDER BY e.id").fetchall()
     out: dict[Pair, dict[str, str]] = {}
     for r in rows:
         out.setdefault((r["generation_id"], r["training_id"]), {})[r["reviewer"]] = r["label"]
