@@ -243,3 +243,44 @@ def test_two_browser_sessions_on_one_server_label_at_once(ws):
     assert sum(1 for by in current.values() if "frank" in by) == rounds
     assert "database is locked" not in log_path.read_text()
     assert_consistent(ws.root)
+
+
+def test_reading_current_labels_grows_linearly_with_the_events(ws, monkeypatch):
+    """Every page rerun reads the current labels: the work (SQLite VM steps, not time) for twice the
+    events must be about twice, not four times (a correlated subquery per event made it quadratic)."""
+    import contextlib
+
+    from core.store import now
+
+    real = Workspace.connect
+    steps = [0]
+
+    @contextlib.contextmanager
+    def counting(self):
+        with real(self) as con:
+            con.set_progress_handler(lambda: steps.__setitem__(0, steps[0] + 1), 100)
+            yield con
+
+    cands = candidates(ws)
+
+    def add_events(n: int) -> None:
+        with ws.transaction() as con:
+            for i in range(n):
+                c = cands[i % len(cands)]
+                eid = con.execute("INSERT INTO label_events(candidate_id, generation_id, training_id, reviewer, label, "
+                                  "created_at) VALUES (?, ?, ?, ?, 'unsure', ?)",
+                                  (c.id, c.medoid_generation_id, c.nearest_training_id, f"r{i % 7}", now())).lastrowid
+                if i % 3 == 0:  # every third label undone
+                    con.execute("INSERT INTO label_events(candidate_id, generation_id, training_id, reviewer, label, "
+                                "created_at, undoes) VALUES (?, ?, ?, ?, NULL, ?, ?)",
+                                (c.id, c.medoid_generation_id, c.nearest_training_id, f"r{i % 7}", now(), eid))
+
+    work = []
+    monkeypatch.setattr(Workspace, "connect", counting)
+    for _ in range(2):
+        add_events(1500)
+        steps[0] = 0
+        labels.current_labels(ws)
+        labels.undo_last(ws, "nobody")
+        work.append(steps[0])
+    assert work[1] < 2.6 * work[0], work
