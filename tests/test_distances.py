@@ -155,6 +155,26 @@ def test_pairwise_agrees_with_paired(x):
         np.testing.assert_allclose(d[i].numpy(), row.numpy(), atol=5e-5, rtol=0)
 
 
+def test_paired_distances_by_index_match_the_paired_functions():
+    rng = np.random.default_rng(5)
+    gens, train = rng.random((6, 16, 16, 3), dtype=np.float32), rng.random((9, 16, 16, 3), dtype=np.float32)
+    ia = np.repeat(np.arange(6), 4)
+    ib = rng.integers(0, 9, size=24)
+    l2, tiled = distances.paired_distances(gens, train, 4, ia=ia, ib=ib)
+    np.testing.assert_allclose(l2.numpy(), paired_l2(gens[ia], train[ib]).numpy(), rtol=1e-6)
+    assert torch.equal(tiled, paired_tiled_l2(gens[ia], train[ib], 4))
+    np.testing.assert_allclose(tiled.numpy(), [reference_tiled(gens[i:i + 1], train[j:j + 1], 4)[0, 0]
+                                               for i, j in zip(ia, ib)], atol=1e-6)
+    l2, tiled = distances.paired_distances(gens, train[:6], 2)
+    assert torch.equal(tiled, paired_tiled_l2(gens, train[:6], 2))
+    with pytest.raises(InputError, match="6 from a \\(ia\\) but 24 from b"):
+        distances.paired_distances(gens, train, 4, ib=ib)
+    with pytest.raises(InputError, match="ib holds indices outside 0..8"):
+        distances.paired_distances(gens, train, 4, ia=[0], ib=[9])
+    with pytest.raises(InputError, match="ia must hold integer indices"):
+        distances.paired_distances(gens, train, 4, ia=[0.5], ib=[1])
+
+
 def test_average_pool_is_the_window_mean():
     rng = np.random.default_rng(0)
     x = rng.random((3, 8, 12, 2), dtype=np.float32)
