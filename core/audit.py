@@ -275,7 +275,7 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
                 clock = _lap(timings, "save_cache", clock)
                 # the largest clique is always kept (even of size 1: every prompt gets a candidate, so
                 # Figure 5 can attribute it); further groups only down to group_min_size
-                groups = clique_groups(dist, params.edge_threshold, 1, params.max_groups)
+                groups = clique_groups(dist, params.edge_threshold, 1, params.max_groups, on_budget="best")
                 groups = groups[:1] + [g for g in groups[1:] if g.size >= params.group_min_size]
                 clock = _lap(timings, "cliques", clock)
                 _fill_curve(dist, p_index, base, curve_size, curve_medoid, curve_mean)
@@ -370,36 +370,36 @@ def _retrieve(embedder, index, images: np.ndarray, k: int) -> tuple[np.ndarray, 
 
 
 def _exact_to_training(images: np.ndarray, ids: np.ndarray, pixels: _TrainingPixels, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact normalised and tiled L2 between each generation and each of its retrieved training images."""
-    from .distances import paired_l2, paired_tiled_l2
+    """Exact normalised and tiled L2 between each generation and each of its retrieved training images.
+
+    Each distinct training image is decoded once and the pairs are indexed, so neither side is
+    repeated in memory (500 generations x 50 neighbours at 512 x 512 would otherwise need 118 GB).
+    """
+    from .distances import paired_distances
 
     n, k = ids.shape
-    train = pixels.get(ids).reshape(n * k, *images.shape[1:])
-    gens = np.repeat(images, k, axis=0)
-    l2 = np.asarray(paired_l2(gens, train), dtype=np.float32).reshape(n, k)
-    tiled = np.asarray(paired_tiled_l2(gens, train, grid), dtype=np.float32).reshape(n, k)
-    return l2, tiled
+    unique, inverse = np.unique(ids, return_inverse=True)
+    train = pixels.get(unique)
+    l2, tiled = paired_distances(images, train, grid, ia=np.repeat(np.arange(n), k), ib=inverse.reshape(-1))
+    return (np.asarray(l2, dtype=np.float32).reshape(n, k), np.asarray(tiled, dtype=np.float32).reshape(n, k))
 
 
 def _fill_curve(dist: np.ndarray, p: int, base: int, size: np.ndarray, medoid: np.ndarray, mean: np.ndarray) -> None:
     """Largest clique size, its medoid (global row) and mean distance at every tau of TAU_GRID.
 
-    The largest clique size is a step function of tau; between two taus where no
-    pairwise distance falls, the graph (and so the answer) does not change, so each
-    distinct graph is solved once.
+    The size is a non-decreasing step function of tau (``largest_clique_curve`` solves each
+    distinct graph once). Within a run of taus of equal size, the maximum clique found at the
+    run's first tau stays a clique (raising tau only adds edges) and stays maximum, so it is
+    solved once per run and its medoid and mean distance are kept for the whole run.
     """
-    from .cliques import clique_groups
+    from .cliques import clique_groups, largest_clique_curve
 
-    upper = dist[np.triu_indices(len(dist), 1)]
-    last_edges = -1
+    sizes = largest_clique_curve(dist, TAU_GRID, on_budget="best")
     answer = (1, 0, 0.0)
     for t, tau in enumerate(TAU_GRID):
-        edges = int(np.count_nonzero(upper <= tau))
-        if edges != last_edges:
-            groups = clique_groups(dist, float(tau), 1, 1)
-            g = groups[0]
+        if t == 0 or sizes[t] != sizes[t - 1]:
+            g = clique_groups(dist, float(tau), 1, 1, on_budget="best")[0]
             answer = (g.size, g.medoid, g.mean_distance)
-            last_edges = edges
         size[p, t], medoid[p, t], mean[p, t] = answer[0], base + answer[1], answer[2]
 
 
@@ -611,7 +611,7 @@ def prompt_groups(ws: Workspace, run_id: int | None, prompt_id: int, *, tau: flo
     order = [gens[i] for i in ids]
     if len(order) != len(dist):
         raise MemauditError(f"prompt {prompt_id} has changed since audit run {cache.run_id}; audit again")
-    groups = clique_groups(dist, tau, min_size, max_groups)
+    groups = clique_groups(dist, tau, min_size, max_groups, on_budget="best")
     train_ids = sorted({int(t) for g in groups for t in cache.nn_ids[cache.row_of[order[g.medoid].id]]})
     train = get_training(ws, train_ids)
     views = []
