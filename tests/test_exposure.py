@@ -10,9 +10,7 @@ import http.client
 import inspect
 import re
 import socket
-import sqlite3
 import subprocess
-import sys
 import time
 import tomllib
 import urllib.request
