@@ -8,7 +8,7 @@ which costs the same to sample. Both sides load the same folder, so scheduler, s
 no guidance) and precision (float32 on the CPU) are identical.
 
 Per batch size B (32 and 64; ``--smoke``: 4 at 2 steps), in interleaved rounds so that
-drifting machine load hits every variant alike:
+drifting machine load hits every variant alike (after one warm-up call of each at batch 2):
 
 * plain: ``pipe([caption] * B, num_inference_steps=20, generator=torch.Generator().manual_seed(s),
   output_type="np")``, one generator for the whole batch (the usual diffusers call);
@@ -22,7 +22,8 @@ drifting machine load hits every variant alike:
   rounds), i.e. the steady state of a long run that loads once.
 
 Images per second and the ratio to the plain call at the same batch size; ratio >= 1 means
-no slower. No GPU on the development machine: the GPU variant is described, not measured.
+no slower. Both wall-clock seconds and the process's CPU seconds (``time.process_time``, all
+threads) are reported: on a shared machine the CPU-time ratio is the steadier one. No GPU on the development machine: the GPU variant is described, not measured.
 
     python -m benchmarks.bench_generate [--smoke]
 """
@@ -38,6 +39,7 @@ from pathlib import Path
 from benchmarks.common import cli, print_table, write_json
 
 STEPS = 20
+COLUMNS = ["batch", "variant", "median_s", "images_per_s", "ratio_to_plain", "cpu_s", "cpu_ratio_to_plain"]
 GPU_VARIANT = [
     "precision: float32 vs float16 (memaudit's load_pipeline default on CUDA) vs bfloat16, same seeds",
     "attention: PyTorch SDPA (flash / memory-efficient kernels) vs the math kernel (the demo UNet has no attention "
@@ -84,7 +86,7 @@ def main(smoke: bool = False) -> dict:
 
     batches = [4] if smoke else [32, 64]
     steps = 2 if smoke else STEPS
-    rounds = 1 if smoke else 3
+    rounds = 1 if smoke else 2
     tmp = Path(tempfile.mkdtemp(prefix="memaudit-bench-generate-"))
     try:
         model, model_note = _model_dir(tmp)
@@ -119,30 +121,36 @@ def main(smoke: bool = False) -> dict:
         variants = [("plain", run_plain), ("plain + per-image generators", run_plain_list),
                     ("memaudit sample", run_sample), ("memaudit generate", run_generate), ("load_pipeline", run_load)]
         rows, raw = [], {}
+        for _, fn in variants:  # warm up: first-call imports, kernels
+            seed[0] += 10_000
+            fn(2)
         for b in batches:
-            for _, fn in variants:  # warm up: allocator, kernels, first-call imports
-                seed[0] += 10_000
-                fn(b)
             times: dict[str, list[float]] = {name: [] for name, _ in variants}
+            cpu: dict[str, list[float]] = {name: [] for name, _ in variants}
             for r in range(rounds):
                 for name, fn in variants:
                     seed[0] += 10_000
-                    t0 = time.perf_counter()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     fn(b)
                     times[name].append(time.perf_counter() - t0)
-            raw[str(b)] = times
+                    cpu[name].append(time.process_time() - c0)
+            raw[str(b)] = {"wall": times, "cpu": cpu}
             med = {name: statistics.median(v) for name, v in times.items()}
+            mcpu = {name: statistics.median(v) for name, v in cpu.items()}
             med["memaudit generate without load"] = med["memaudit generate"] - med["load_pipeline"]
+            mcpu["memaudit generate without load"] = mcpu["memaudit generate"] - mcpu["load_pipeline"]
             for name in ["plain", "plain + per-image generators", "memaudit sample", "memaudit generate",
                          "memaudit generate without load"]:
                 rows.append({"batch": b, "variant": name, "median_s": med[name], "images_per_s": b / med[name],
-                             "ratio_to_plain": med["plain"] / med[name], "rounds": rounds})
+                             "ratio_to_plain": med["plain"] / med[name], "cpu_s": mcpu[name],
+                             "cpu_ratio_to_plain": mcpu["plain"] / mcpu[name], "rounds": rounds})
             rows.append({"batch": b, "variant": "load_pipeline (per generate call)", "median_s": med["load_pipeline"],
-                         "images_per_s": "", "ratio_to_plain": "", "rounds": rounds})
+                         "images_per_s": "", "ratio_to_plain": "", "cpu_s": mcpu["load_pipeline"],
+                         "cpu_ratio_to_plain": "", "rounds": rounds})
+            print_table([r for r in rows if r["batch"] == b], COLUMNS, title=f"batch {b} done")
         print(f"model: {model_note}; {params:,} UNet parameters; {steps} DDIM steps, float32, CPU, "
-              f"{torch.get_num_threads()} torch threads; medians of {rounds} interleaved rounds")
-        print_table(rows, ["batch", "variant", "median_s", "images_per_s", "ratio_to_plain", "rounds"],
-                    title="images per second (ratio_to_plain >= 1: no slower than the plain call)")
+              f"{torch.get_num_threads()} torch threads; medians of {rounds} interleaved rounds after a warm-up call of each at batch 2")
+        print_table(rows, COLUMNS, title="images per second (ratio_to_plain >= 1: no slower than the plain call)")
         cuda = torch.cuda.is_available()
         if not cuda:
             print("No GPU here: nothing GPU-specific was measured. The GPU variant would measure:")
