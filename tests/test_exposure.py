@@ -183,6 +183,7 @@ def test_the_review_page_does_not_show_a_tampered_path(private):
     at.session_state["reviewer"] = "mallory"
     at.switch_page("app_pages/review.py")
     at.run()
+    assert [t.value for t in at.title][:1] == ["Review"]
     said = [str(e.value) for e in at.exception] + [str(e.value) for e in at.warning] + [str(e.value) for e in at.error]
     assert any("outside the workspace" in s for s in said), said
 
