@@ -14,6 +14,7 @@ except ImportError:  # `streamlit run dashboard/app.py` from a checkout that is 
     from dashboard import ui
 
 st.set_page_config(page_title="memaudit", page_icon=":material/policy:", layout="wide")
+ui.require_sign_in()  # only when .streamlit/secrets.toml has an [auth] section
 ui.set_workspace_from_args(sys.argv[1:])
 
 page = st.navigation(ui.pages())

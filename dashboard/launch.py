@@ -73,6 +73,9 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 def launch(ws: str | Path, port: int = 8501, host: str = "127.0.0.1", extra_args: Sequence[str] = (),
            *, open_browser: bool = False) -> int:
     """Serve the dashboard for ``ws`` until interrupted; returns Streamlit's exit status.
@@ -85,6 +88,10 @@ def launch(ws: str | Path, port: int = 8501, host: str = "127.0.0.1", extra_args
         raise InputError(f"port {port} is not a TCP port; pass --port between 1 and 65535")
     if not port_free(host, int(port)):
         raise InputError(f"port {port} on {host} is already in use; pass another with --port N")
+    if host not in LOOPBACK_HOSTS:
+        print(f"memaudit: warning: serving on {host}, beyond this machine: everyone who can reach it sees the "
+              "training set, the generations and the labels; use it only behind HTTPS and sign-in (README, "
+              "'Reliability and security')", file=sys.stderr, flush=True)
     print(f"memaudit dashboard: http://{host if ':' not in host else f'[{host}]'}:{port}  (Ctrl+C to stop)", flush=True)
     proc = subprocess.Popen(command(ws, port, host, extra_args, open_browser=open_browser))
     previous = None

@@ -129,6 +129,15 @@ def pair(root: str, generation_path: str, training_path: str) -> tuple[np.ndarra
     return views.pair_arrays(Workspace(root), generation_path, training_path)
 
 
+def pair_or_warn(ws: Workspace, generation_path: str, training_path: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The pair's pixels, or a one-sentence warning (and None) when a file cannot be read."""
+    try:
+        return pair(str(ws.root), generation_path, training_path)
+    except MemauditError as e:
+        st.warning(f"Cannot compare this pair: {e}")
+        return None
+
+
 # ---------------------------------------------------------------------------- rendering
 def show_image(ws: Workspace, relpath: str, width: int, caption: str | None = None, *, fill: bool = False) -> None:
     """An image at ``width`` CSS pixels (or the column's width with ``fill``); tiny images are first
@@ -172,3 +181,28 @@ def error(e: BaseException) -> None:
         st.error(str(e))
     else:
         st.exception(e)
+
+
+# ---------------------------------------------------------------------------- sign-in
+def sign_in_required() -> bool:
+    """True when .streamlit/secrets.toml has an [auth] section (a shared deployment)."""
+    try:
+        return "auth" in st.secrets
+    except Exception:  # no secrets.toml: a single-user dashboard on loopback
+        return False
+
+
+def require_sign_in() -> None:
+    """With [auth] configured, stop every page until the visitor has signed in (Streamlit's st.login)."""
+    if sign_in_required() and not st.user.get("is_logged_in", False):
+        st.title("memaudit")
+        st.info("This dashboard is shared: sign in so that your labels carry your name.")
+        st.button("Sign in", on_click=st.login, type="primary")
+        st.stop()
+
+
+def signed_in_reviewer() -> str | None:
+    """The signed-in identity (e-mail, else name) when sign-in is on; None on a single-user dashboard."""
+    if not sign_in_required() or not st.user.get("is_logged_in", False):
+        return None
+    return str(st.user.get("email") or st.user.get("name") or "").strip() or None

@@ -78,7 +78,6 @@ def test_loopback_launch_prints_no_warning(monkeypatch, capsys, tmp_path):
         assert "warning" not in text.lower() and f"--server.address={host}" in cmd
 
 
-@pytest.mark.xfail(strict=True, reason="dashboard/launch.py does not warn yet when binding beyond loopback")
 def test_binding_beyond_loopback_warns(monkeypatch, capsys, tmp_path):
     text, cmd = _launch_output(monkeypatch, capsys, tmp_path, "0.0.0.0")
     assert "--server.address=0.0.0.0" in cmd
@@ -311,21 +310,29 @@ def test_no_url_reads_a_file_of_the_workspace_or_the_machine(server):
             assert secret not in body, f"GET {path} ({status}) returned a file's content"
 
 
-def test_the_documented_sign_in_gate_stops_the_app_until_sign_in():
-    """The gate the README gives for a shared deployment: no secrets -> the app runs as before;
-    an [auth] section -> a Sign in button and nothing else."""
+def test_sign_in_gate_stops_every_page_until_sign_in(tmp_path):
+    """No secrets: the app runs as the single-user tool. An [auth] section: every page shows only
+    a Sign in button until the visitor has signed in."""
     from streamlit.testing.v1 import AppTest
 
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Reviewer sign-in"):]
-    gate = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    app = "import streamlit as st\n" + "\n".join(line[3:] if line.startswith("   ") else line for line in gate.splitlines()) + \
-          "\nst.write('the review queue')\n"
-    at = AppTest.from_string(app, default_timeout=30).run()
-    assert not at.exception and [m.value for m in at.markdown] == ["the review queue"]
-    at = AppTest.from_string(app, default_timeout=30)
-    at.secrets["auth"] = {"redirect_uri": "http://127.0.0.1:8501/oauth2callback", "cookie_secret": "x" * 32,
-                          "client_id": "id", "client_secret": "secret",
-                          "server_metadata_url": "https://issuer.example/.well-known/openid-configuration"}
-    at.run()
-    assert not at.exception and [b.label for b in at.button] == ["Sign in"] and not at.markdown
+    from dashboard import ui
+
+    ws = Workspace.init(tmp_path / "ws")
+    app = str(ROOT / "dashboard" / "app.py")
+    for page in (None, "app_pages/review.py", "app_pages/export.py"):
+        at = AppTest.from_file(app, default_timeout=60)
+        at.session_state[ui.WS_KEY] = str(ws.root)
+        if page:
+            at.switch_page(page)
+        at.run()
+        assert not at.exception and "Sign in" not in [b.label for b in at.button]
+        at = AppTest.from_file(app, default_timeout=60)
+        at.session_state[ui.WS_KEY] = str(ws.root)
+        at.secrets["auth"] = {"redirect_uri": "http://127.0.0.1:8501/oauth2callback", "cookie_secret": "x" * 32,
+                              "client_id": "id", "client_secret": "secret",
+                              "server_metadata_url": "https://issuer.example/.well-known/openid-configuration"}
+        if page:
+            at.switch_page(page)
+        at.run()
+        assert not at.exception and [b.label for b in at.button] == ["Sign in"]
+        assert not at.text_input and not at.dataframe

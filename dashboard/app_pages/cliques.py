@@ -147,22 +147,24 @@ for gi, g in enumerate(found):
             mode = sel[1].segmented_control("View", ["overlay", "blink"], default="blink", required=True,
                                             key=f"cmp_mode_{row.prompt_id}_{gi}")
             n = g.neighbours[rank or 0]
-            gen_arr, train_arr = ui.pair(str(ws.root), g.medoid.path, n.training.path)
-            cols = st.columns(4)
-            with cols[0]:
-                ui.show_image(ws, g.medoid.path, COMPARE, caption=f"medoid · seed {g.medoid.seed}")
-            with cols[1]:
-                ui.show_image(ws, n.training.path, COMPARE,
-                              caption=f"training #{n.rank + 1} · {n.training.caption or n.training.source_path}")
-            with cols[2]:
-                diff, vmax = views.difference_image(gen_arr, train_arr)
-                st.image(views.upscale_nearest(diff, COMPARE), width=COMPARE, output_format="PNG",
-                         caption=f"|difference|: black 0, pale yellow ≥ {vmax:.2f} · L2 {n.l2:.4f} · tiled {n.tiled_l2:.4f}")
-            with cols[3]:
-                if mode == "overlay":
-                    alpha = st.slider("training weight", 0.0, 1.0, 0.5, 0.05, key=f"cmp_alpha_{row.prompt_id}_{gi}")
-                    st.image(views.upscale_nearest(ui.to_uint8(views.blend(gen_arr, train_arr, alpha)), COMPARE),
-                             width=COMPARE, caption=f"overlay: {1 - alpha:.0%} generation + {alpha:.0%} training",
-                             output_format="PNG")
-                else:
-                    st.html(ui.blink_html(gen_arr, train_arr, COMPARE))
+            pixels = ui.pair_or_warn(ws, g.medoid.path, n.training.path)
+            if pixels is not None:
+                gen_arr, train_arr = pixels
+                cols = st.columns(4)
+                with cols[0]:
+                    ui.show_image(ws, g.medoid.path, COMPARE, caption=f"medoid · seed {g.medoid.seed}")
+                with cols[1]:
+                    ui.show_image(ws, n.training.path, COMPARE,
+                                  caption=f"training #{n.rank + 1} · {n.training.caption or n.training.source_path}")
+                with cols[2]:
+                    diff, vmax = views.difference_image(gen_arr, train_arr)
+                    st.image(views.upscale_nearest(diff, COMPARE), width=COMPARE, output_format="PNG",
+                             caption=f"|difference|: black 0, pale yellow ≥ {vmax:.2f} · L2 {n.l2:.4f} · tiled {n.tiled_l2:.4f}")
+                with cols[3]:
+                    if mode == "overlay":
+                        alpha = st.slider("training weight", 0.0, 1.0, 0.5, 0.05, key=f"cmp_alpha_{row.prompt_id}_{gi}")
+                        st.image(views.upscale_nearest(ui.to_uint8(views.blend(gen_arr, train_arr, alpha)), COMPARE),
+                                 width=COMPARE, caption=f"overlay: {1 - alpha:.0%} generation + {alpha:.0%} training",
+                                 output_format="PNG")
+                    else:
+                        st.html(ui.blink_html(gen_arr, train_arr, COMPARE))

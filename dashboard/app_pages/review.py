@@ -27,8 +27,13 @@ params = audit.run_params(ws, run)
 nonce = st.session_state.setdefault("review_nonce", uuid.uuid4().hex[:12])
 
 top = st.columns([3, 3, 2, 2], vertical_alignment="bottom")
-reviewer = (top[0].text_input("Reviewer", key="reviewer", bind="query-params", placeholder="your name",
-                              help="Stored with every label; kept in the page address, so a reload remembers it.") or "").strip()
+signed_in = ui.signed_in_reviewer()
+if signed_in:  # a shared deployment: the identity is the reviewer, not a typed name
+    top[0].text_input("Reviewer", value=signed_in, disabled=True, help="You are signed in; labels carry this identity.")
+    reviewer = signed_in
+else:
+    reviewer = (top[0].text_input("Reviewer", key="reviewer", bind="query-params", placeholder="your name",
+                                  help="Stored with every label; kept in the page address, so a reload remembers it.") or "").strip()
 scope = top[1].segmented_control("Queue", ["not labelled by me", "all candidates"], default="not labelled by me",
                                  required=True, key="review_scope", persist_state="session")
 flagged_only = top[2].toggle("Flagged only", key="review_flagged", persist_state="session",
@@ -118,7 +123,10 @@ st.markdown(f"**Prompt:** {c.prompt or '(unconditional)'}")
 if c.nearest_training_path is None:
     st.warning("This candidate has no nearest training image (the training index was empty when it was audited).")
     st.stop()
-gen_arr, train_arr = ui.pair(str(ws.root), c.medoid_path, c.nearest_training_path)
+pixels = ui.pair_or_warn(ws, c.medoid_path, c.nearest_training_path)
+if pixels is None:
+    st.stop()
+gen_arr, train_arr = pixels
 cols = st.columns([1, 1, 1.2], gap="medium")
 with cols[0]:
     ui.show_image(ws, c.medoid_path, BIG, caption=f"generation {c.medoid_generation_id} (clique medoid)")
