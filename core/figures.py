@@ -110,7 +110,8 @@ def extraction_rate_by_duplicates(bins: Sequence[tuple[str, int, int]], *, delta
     fig = go.Figure(go.Bar(x=labels, y=rate, text=text, width=0.6 if len(labels) < 4 else None, textposition="outside", marker_color=NEGATIVE_COLOUR,
                            hovertemplate="duplicates %{x}<br>extracted %{text}<br>rate %{y:.1%}<extra></extra>",
                            cliponaxis=False))
-    fig.update_yaxes(tickformat=".0%", range=[0, max(1e-9, float(rate.max())) * 1.2 or 1.0])
+    top = max(1e-9, float(rate.max()))
+    fig.update_yaxes(tickformat=".0%", range=[0, top * 1.2], tickvals=[v for v in np.linspace(0, 1, 6) if v <= top + 1e-9])
     x = "duplicate count k of the training image" + (f" (extracted: l2 <= {delta:g})" if delta is not None else "")
     return _layout(fig, title, x, "extracted")
 

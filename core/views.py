@@ -330,3 +330,15 @@ def labelled_prompts(ws: Workspace, run_id: int) -> set[int]:
         rows = con.execute("SELECT prompt_id, medoid_generation_id, nearest_training_id FROM candidates WHERE run_id = ?",
                            (run_id,)).fetchall()
     return {r[0] for r in rows if current.get((r[1], r[2]))}
+
+
+def distinct_neighbours(neighbours: list) -> list:
+    """Neighbours with identical files (same SHA-256, e.g. the 100 copies of a duplicated image)
+    kept once, at their best rank; their duplicate count still says how many there are."""
+    seen: set[str] = set()
+    out = []
+    for n in neighbours:
+        if n.training.sha256 not in seen:
+            seen.add(n.training.sha256)
+            out.append(n)
+    return out

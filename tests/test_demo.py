@@ -2,8 +2,6 @@
 
 import csv
 
-import pytest
-
 from core import audit
 from core.demo import build_demo
 from core.demo_data import DEMO_SOURCES
@@ -18,7 +16,6 @@ def _copies_by_caption() -> dict[str, int]:
     return out
 
 
-@pytest.mark.slow
 def test_demo_flags_duplicated_images_and_not_novel_ones(tmp_path):
     result = build_demo(tmp_path / "demo", progress=False)
     copies = _copies_by_caption()

@@ -134,3 +134,12 @@ def test_views_write_nothing(planted):
     views.candidate_scores(ws, run_id)
     views.extraction_by_duplicates(ws, run_id)
     assert ws.counts() == before and len(labels.label_events(ws)) == events
+
+
+def test_distinct_neighbours_keeps_identical_files_once():
+    from types import SimpleNamespace as NS
+
+    from core.views import distinct_neighbours
+
+    ns = [NS(training=NS(sha256=h), rank=i) for i, h in enumerate("aabac")]
+    assert [n.rank for n in distinct_neighbours(ns)] == [0, 2, 4]

@@ -131,9 +131,9 @@ for gi, g in enumerate(found):
             if len(members) > MAX_MEMBERS:
                 st.caption(f"and {len(members) - MAX_MEMBERS} more")
         with right:
-            st.markdown("**Nearest training images** of the medoid")
+            st.markdown("**Nearest training images** of the medoid (identical files shown once)")
             cols = st.columns(NEIGHBOURS)
-            for j, n in enumerate(g.neighbours[:NEIGHBOURS]):
+            for j, n in enumerate(views.distinct_neighbours(g.neighbours)[:NEIGHBOURS]):
                 with cols[j]:
                     ui.show_image(ws, n.training.path, NEIGHBOUR, fill=True)
                     st.caption(f"**{'≤δ ' if n.l2 <= delta else ''}L2 {n.l2:.4f}**  \ntiled {n.tiled_l2:.4f}  \n"
