@@ -221,7 +221,10 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
     embedder = get_embedder(params.embedder, settings)
     index = TrainingIndex.open(ws, params.embedder, embedder=embedder)
     pixels = _TrainingPixels(ws, size, training)
-    k_search = min(len(training), max(params.neighbours, params.relative_n))
+    # text prompts need only the `neighbours` nearest; the relative-L2 denominator of unconditional
+    # generations averages over the relative_n nearest
+    k_text = min(len(training), params.neighbours)
+    k_unconditional = min(len(training), max(params.neighbours, params.relative_n))
 
     clock = _lap(timings, "setup", clock)
     remove_abandoned_runs(ws)
@@ -252,7 +255,7 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
             all_gen_ids.extend(g.id for g in gens)
 
             # nearest training images of every generation: retrieval, then exact distances
-            ids, sim = _retrieve(embedder, index, images, k_search)
+            ids, sim = _retrieve(embedder, index, images, k_unconditional if gens[0].prompt is None else k_text)
             clock = _lap(timings, "retrieve", clock)
             l2, tiled = _exact_to_training(images, ids, pixels, params.grid)
             order = np.argsort(l2, axis=1, kind="stable")
