@@ -48,6 +48,12 @@ SIZE = 32
 MIN_CONTRAST = 0.15
 MIN_SEPARATION = 0.2
 
+# The shipped model's training run (assets/README.md): python -m core.train --data assets/demo/train
+# --out assets/demo/model --steps 1000 --seed 0 (2 torch threads; weights depend on the thread count).
+DEMO_TRAIN_STEPS = 1000
+DEMO_TRAIN_SEED = 0
+DEMO_TRAIN_THREADS = 2
+
 # Recommended generation settings for the demo model (measured in assets/README.md).
 DEMO_PER_PROMPT = 24
 DEMO_STEPS = 20
