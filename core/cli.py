@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true", help="start the dashboard on the result")
     p.add_argument("--port", type=int, default=8501, help="dashboard port with --open (default 8501)")
     p.add_argument("--train-steps", type=int, default=None, help="with `demo train`: training steps")
-    p.add_argument("--seed", type=int, default=0, help="with `demo train`: training seed")
+    p.add_argument("--seed", type=int, default=None, help="with `demo train`: training seed (default: the shipped model's)")
     return parser
 
 

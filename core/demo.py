@@ -85,12 +85,11 @@ def _same_params(a, b) -> bool:
     return da == db
 
 
-def train_demo_model(steps: int | None = None, seed: int = 0):
+def train_demo_model(steps: int | None = None, seed: int | None = None):
     """Retrain the shipped demo model with the shipped recipe (see assets/README.md)."""
-    from .demo_data import DEMO_DATA_DIR, DEMO_MODEL_DIR
+    from .demo_data import DEMO_DATA_DIR, DEMO_MODEL_DIR, DEMO_TRAIN_SEED, DEMO_TRAIN_STEPS, DEMO_TRAIN_THREADS
     from .train import train
 
-    kwargs: dict[str, Any] = {"seed": seed}
-    if steps is not None:
-        kwargs["steps"] = steps
-    return train(DEMO_DATA_DIR, DEMO_MODEL_DIR, **kwargs)
+    # the weights depend on the thread count too: the shipped ones were trained on DEMO_TRAIN_THREADS
+    return train(DEMO_DATA_DIR, DEMO_MODEL_DIR, steps=steps or DEMO_TRAIN_STEPS,
+                 seed=DEMO_TRAIN_SEED if seed is None else seed, threads=DEMO_TRAIN_THREADS)

@@ -32,3 +32,18 @@ def test_demo_flags_duplicated_images_and_not_novel_ones(tmp_path):
     # a rerun reuses everything: no new generations, the same audit run
     again = build_demo(tmp_path / "demo", progress=False)
     assert again.run_id == result.run_id
+
+
+def test_demo_train_uses_the_shipped_recipe(monkeypatch):
+    """`memaudit demo train` retrains with the recorded steps, seed and thread count (the weights
+    depend on all three); the real training run is covered by tests/test_train.py."""
+    import core.train
+    from core.cli import main
+    from core.demo_data import DEMO_DATA_DIR, DEMO_MODEL_DIR, DEMO_TRAIN_SEED, DEMO_TRAIN_STEPS, DEMO_TRAIN_THREADS
+
+    calls = []
+    monkeypatch.setattr(core.train, "train", lambda *a, **k: calls.append((a, k)) or "report")
+    assert main(["demo", "train"]) == 0
+    assert calls == [((DEMO_DATA_DIR, DEMO_MODEL_DIR), {"steps": DEMO_TRAIN_STEPS, "seed": DEMO_TRAIN_SEED, "threads": DEMO_TRAIN_THREADS})]
+    assert main(["demo", "train", "--train-steps", "7", "--seed", "3"]) == 0
+    assert calls[-1][1]["steps"] == 7 and calls[-1][1]["seed"] == 3

@@ -15,7 +15,7 @@ for single images, by whether the caption is shared by several different images.
 time is measured separately: all captions, ``--per-prompt`` images each, one pipeline call
 per caption, on ``--threads`` torch threads.
 
-    python -m benchmarks.bench_demo_model [--model DIR] [--per-prompt 24] [--steps 20]
+    python -m benchmarks.demo_memorisation [--model DIR] [--per-prompt 24] [--steps 20]
 """
 
 from __future__ import annotations
