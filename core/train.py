@@ -360,26 +360,6 @@ class CaptionCopies:
         return round(self.examples / self.images)
 
 
-def _tiled_l2(a: "np.ndarray", grid: int) -> "np.ndarray":
-    """Pairwise max over a grid x grid tiling of the per-tile normalised L2; a is (N, S, S, C)."""
-    import numpy as np
-
-    n, s = a.shape[0], a.shape[1]
-    t = s // grid
-    tiles = a.reshape(n, grid, t, grid, t, -1).transpose(0, 1, 3, 2, 4, 5).reshape(n, grid * grid, -1)
-    d = np.sqrt(((tiles[:, None] - tiles[None]) ** 2).mean(-1))
-    return d.max(-1)
-
-
-def _largest_clique(adj: "np.ndarray") -> list[int]:
-    import networkx as nx
-
-    g = nx.Graph()
-    g.add_nodes_from(range(len(adj)))
-    g.add_edges_from((i, j) for i in range(len(adj)) for j in range(i + 1, len(adj)) if adj[i, j])
-    return max(nx.find_cliques(g), key=len, default=[])
-
-
 def measure_copies(
     model_dir: str | Path,
     data_dir: str | Path,
@@ -402,6 +382,8 @@ def measure_copies(
     import numpy as np
     import torch
 
+    from .cliques import maximum_clique
+    from .distances import pairwise_l2, pairwise_tiled_l2
     from .pipelines import CaptionConditionedPipeline
 
     pipe = CaptionConditionedPipeline.from_pretrained(str(model_dir))
@@ -423,17 +405,18 @@ def measure_copies(
             gens.append(pipe([caption] * len(seeds), num_inference_steps=steps, output_type="np",
                              generator=[torch.Generator().manual_seed(s) for s in seeds]).images)
         g = np.concatenate(gens)
-        to_train = np.sqrt(((g[:, None] - train_px[None]) ** 2).reshape(len(g), len(train_px), -1).mean(-1))
+        to_train = pairwise_l2(g, train_px).numpy()
         nearest = to_train.min(1)
-        adj = _tiled_l2(g, grid) <= tau
+        adj = pairwise_tiled_l2(g, grid=grid).numpy() <= tau
+        np.fill_diagonal(adj, False)
         copy_clique = 0
         for j in range(len(train_px)):
             members = np.flatnonzero(to_train[:, j] <= tau)
             if len(members) > copy_clique:
-                copy_clique = max(copy_clique, len(_largest_clique(adj[np.ix_(members, members)])))
+                copy_clique = max(copy_clique, len(maximum_clique(adj[np.ix_(members, members)])))
         results.append(CaptionCopies(caption=caption, examples=counts[caption], images=len(train_px),
                                      generations=len(g), copy_fraction=float((nearest <= tau).mean()),
-                                     median_l2=float(np.median(nearest)), largest_clique=len(_largest_clique(adj)),
+                                     median_l2=float(np.median(nearest)), largest_clique=len(maximum_clique(adj)),
                                      copy_clique=copy_clique))
     return results
 

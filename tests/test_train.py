@@ -166,7 +166,6 @@ def test_command_line_entry(tmp_path, capsys):
     assert "captions.csv" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_a_tiny_model_memorises_eight_real_images(tmp_path):
     """8 real images at 16 x 16, one caption each: after 600 steps most generations are copies."""
     data = make_set(tmp_path / "data", distinct_demo_images(8))
