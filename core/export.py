@@ -5,13 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
 from .store import Workspace
+from .tempfiles import write_text_atomic
 
 CSV_COLUMNS = ("id", "prompt", "group_rank", "clique_size", "mean_distance", "flagged", "medoid", "nearest_training",
                "nearest_training_source", "l2", "tiled_l2", "relative_l2", "extracted", "labels")
@@ -70,8 +69,5 @@ def write_export(ws: Workspace, fmt: str, out: str | Path, run_id: int | None = 
     out = Path(out)
     if out.parent and not out.parent.exists():
         raise InputError(f"{out.parent} does not exist; create it or choose another --out")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-export-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, out)
+    write_text_atomic(out, text)
     return out

@@ -10,8 +10,6 @@ palette and grayscale images become RGB, 16-bit images are scaled to 8 bits.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -113,19 +111,6 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
 
 def save_png_atomic(array_or_image: np.ndarray | Image.Image, path: str | Path) -> None:
     """Write a PNG so that the file is either absent or complete, even if the process is killed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(to_uint8(array_or_image))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tempfiles.prefix(), suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with tempfiles.atomic_path(path, ".png") as tmp:
+        img.save(tmp, format="PNG")

@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -155,23 +154,6 @@ def _locate(base: Path, written: str) -> tuple[Path | None, str]:
     return resolved, ""
 
 
-def _write_atomic(data: bytes, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=tempfiles.prefix(), suffix=dest.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _suffix(path: Path, data: bytes) -> str:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return ".jpg" if path.suffix.lower() == ".jpeg" else path.suffix.lower()
@@ -250,7 +232,7 @@ def _import_one(ws: Workspace, row: ManifestRow, base: Path, manifest: Path, don
     # the origin's hash keeps two files with identical bytes (a model repeating itself) apart
     rel = f"generations/{pid}/import-{sha[:12]}-{hashlib.sha256(origin.encode('utf-8')).hexdigest()[:8]}{_suffix(src, data)}"
     try:
-        _write_atomic(data, ws.root / rel)
+        tempfiles.write_bytes_atomic(ws.root / rel, data)
     except OSError as e:
         import errno
 

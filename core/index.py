@@ -50,7 +50,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -87,18 +86,10 @@ def choose_pq_m(dim: int) -> int:
     return min(divisors, key=lambda m: (abs(m - dim / 2), m))
 
 
-def _fsync_replace(tmp: str, path: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_npy_atomic(path: Path, parts: list[np.ndarray], dtype: Any, tail: tuple[int, ...]) -> None:
     """Write the concatenation of ``parts`` as one .npy, atomically, streaming (no full copy in memory)."""
     n = sum(len(p) for p in parts)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tempfiles.prefix(), suffix=".npy")
-    os.close(fd)
-    try:
+    with tempfiles.atomic_path(path, ".npy") as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, *tail))
         at = 0
         for p in parts:
@@ -108,25 +99,13 @@ def write_npy_atomic(path: Path, parts: list[np.ndarray], dtype: Any, tail: tupl
                 at += len(block)
         out.flush()
         del out
-        _fsync_replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_faiss_atomic(index: Any, path: Path) -> None:
     import faiss
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tempfiles.prefix(), suffix=".faiss")
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        _fsync_replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with tempfiles.atomic_path(path, ".faiss") as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def _train_ivf(index: Any, sample: np.ndarray, nlist: int, metric: int) -> None:

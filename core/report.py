@@ -147,15 +147,11 @@ def build_report(ws: Workspace, run_id: int | None = None, *, top: int = 40, thu
 
 def write_report(ws: Workspace, out: str | Path, run_id: int | None = None) -> Path:
     """Write the report to ``out`` atomically and return its path."""
-    import os
-    import tempfile
+    from .tempfiles import write_text_atomic
 
     out = Path(out)
     if not out.parent.is_dir():
         raise InputError(f"{out.parent} does not exist; create it or choose another output path")
     text = build_report(ws, run_id)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-report-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, out)
+    write_text_atomic(out, text)
     return out

@@ -12,9 +12,12 @@ names a process of this machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 PREFIX = ".tmp-"
 _OWNED = re.compile(r"^\.tmp-(\d+)-")
@@ -23,6 +26,36 @@ _OWNED = re.compile(r"^\.tmp-(\d+)-")
 def prefix() -> str:
     """``.tmp-<pid>-``: the prefix for this process's temporary files (pass to tempfile.mkstemp)."""
     return f"{PREFIX}{os.getpid()}-"
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """A temporary path beside ``dest`` to write to; on success it is fsynced and moved onto
+    ``dest`` (readers see the old file or the complete new one, never a part), on any failure
+    it is removed."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=prefix(), suffix=dest.suffix if suffix is None else suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(dest: str | Path, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(dest: str | Path, text: str) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
 
 
 def _alive(pid: int) -> bool:

@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import sqlite3
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,18 +209,8 @@ def _stored_suffix(path: Path) -> str:
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=tempfiles.prefix(), suffix=dest.suffix)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with tempfiles.atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _reason(path: Path, error: Exception) -> str:
@@ -486,16 +475,7 @@ def write_prompts_file(ws: Workspace, n: int, out_path: str | Path) -> int:
     out_path = Path(out_path).expanduser()
     if out_path.is_dir():
         raise InputError(f"{out_path} is a folder; pass a file name for the prompts")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=".tmp-", suffix=".txt")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    tempfiles.write_text_atomic(out_path, "\n".join(lines) + "\n")
     return len(lines)
 
 

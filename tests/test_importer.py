@@ -162,21 +162,21 @@ def test_non_utf8_and_missing_manifests(ws, folder):
 
 
 def test_disk_full_stops_and_keeps_complete_copies(ws, folder, monkeypatch):
-    real = importer._write_atomic
+    real = importer.tempfiles.write_bytes_atomic
     calls = []
 
-    def fill_up(data, dest):
+    def fill_up(dest, data):
         calls.append(dest)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(data, dest)
+        real(dest, data)
 
-    monkeypatch.setattr(importer, "_write_atomic", fill_up)
+    monkeypatch.setattr(importer.tempfiles, "write_bytes_atomic", fill_up)
     manifest = write_csv(folder / "m.csv", ["path", "prompt"], [["good.png", "a"], ["sub/good.jpg", "b"]])
     with pytest.raises(MemauditError, match="disk is full"):
         import_generations(ws, manifest)
     assert [r["origin"] for r in rows(ws)] == [str(folder / "good.png")]
-    monkeypatch.setattr(importer, "_write_atomic", real)
+    monkeypatch.setattr(importer.tempfiles, "write_bytes_atomic", real)
     assert import_generations(ws, manifest).imported == 1
 
 
