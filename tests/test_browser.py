@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import free_port, running_dashboard
 
 pytestmark = pytest.mark.browser
 
@@ -33,42 +33,16 @@ if not CHROMIUM.exists():
 playwright = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package (test extra)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from dashboard import launch
     from dashboard_data import labelled_copy
 
     ws, run_id = labelled_copy(tmp_path_factory, "browser")
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "streamlit.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(launch.command(ws.root, port=port), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            try:
-                if urllib.request.urlopen(f"{base}/_stcore/health", timeout=1).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the dashboard did not start:\n{log_path.read_text()}")
-            time.sleep(0.2)
+    with running_dashboard(ws.root, port, log_path, cwd=ROOT, env=env, timeout=60) as base:
         yield base, ws, run_id
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -174,30 +174,13 @@ def test_two_browser_sessions_on_one_server_label_at_once(ws):
         pytest.skip("needs Debian's chromium at /usr/bin/chromium (`make browser`)")
     sync_api = pytest.importorskip("playwright.sync_api")
     import re
-    import socket
     import time
-    import urllib.request
 
-    from dashboard import launch
+    from servers import free_port, running_dashboard
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = ws.root.parent / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(launch.command(ws.root, port=port), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=ENV)
-    base = f"http://127.0.0.1:{port}"
     rounds = 4
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if urllib.request.urlopen(f"{base}/_stcore/health", timeout=1).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
+    log_path = ws.root.parent / "server.log"
+    with running_dashboard(ws.root, free_port(), log_path, cwd=ROOT, env=ENV) as base:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                                         args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
@@ -227,12 +210,6 @@ def test_two_browser_sessions_on_one_server_label_at_once(ws):
             for page in sessions.values():
                 assert page.locator('[data-testid="stException"]').count() == 0
             browser.close()
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
     erin, frank = mine("erin"), mine("frank")
     assert [e["label"] for e in erin] == ["exact_copy"] * rounds
     assert [e["label"] for e in frank] == ["not_memorized"] * rounds

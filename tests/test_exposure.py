@@ -11,9 +11,7 @@ import inspect
 import re
 import socket
 import subprocess
-import time
 import tomllib
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from core.errors import MemauditError, WorkspaceError
 from core.store import Workspace
 from dashboard import launch
 from reliability import ENV, ROOT, small_audited_workspace
+from servers import free_port, running_dashboard
 
 LOOPBACK = "127.0.0.1"
 
@@ -208,12 +207,6 @@ def test_pages_get_images_only_through_core_views():
 
 
 # ---------------------------------------------------------------------------- a live server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
 def other_addresses() -> list[str]:
     """This machine's non-loopback IPv4 addresses (none on an isolated machine)."""
     found = set()
@@ -233,27 +226,8 @@ def server(audited, tmp_path_factory):
     """``memaudit dashboard WS`` as the launcher starts it, with every default."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("exposure-server") / "streamlit.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(launch.command(audited.root, port=port), cwd=tmp_path_factory.getbasetemp(),
-                                stdout=log, stderr=subprocess.STDOUT, env=ENV)
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://{LOOPBACK}:{port}/_stcore/health", timeout=1).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the dashboard did not start:\n{log_path.read_text()}")
-            time.sleep(0.2)
+    with running_dashboard(audited.root, port, log_path, cwd=tmp_path_factory.getbasetemp(), env=ENV):
         yield port, audited
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def raw_get(port: int, path: str) -> tuple[int, bytes]:
