@@ -23,7 +23,6 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 
 from benchmarks.common import print_table, timeit, write_json
 from benchmarks.workspaces import audited_workspace, stage_rows

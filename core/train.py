@@ -44,7 +44,6 @@ from .errors import InputError
 from .images import load_image, to_working
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 CAPTIONS_FILE = "captions.csv"
