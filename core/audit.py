@@ -11,6 +11,10 @@ For every prompt of the workspace::
     the largest clique's size and medoid at every tau of a grid (cached),
         so that moving a threshold recounts without computing a distance
 
+Distances, curves and the neighbours' tiled L2 are cached for the run's tile grid G and
+for every grid of the ``grid_choices`` setting that divides the working size (one pass of
+distance products serves them all), so the tile grid is a slider too.
+
 Generations without a prompt (unconditional models) are judged one by one by
 relative L2 (PAPER.md): rel = l2(x_hat, x) / (alpha * mean over the n nearest
 training images y of l2(x_hat, y)); extracted when rel < 1.
@@ -69,6 +73,7 @@ class Recount:
     tau: float
     k: int
     delta: float
+    grid: int
     flagged: int
     extracted: int
     prompts: list[PromptRow]
@@ -105,6 +110,11 @@ def params_from(ws: Workspace, **overrides: object) -> AuditParams:
             s[name] = config.check(name, value)
     fields = AuditParams.__dataclass_fields__
     return AuditParams(**{name: s[name] for name in fields})
+
+
+def cached_grids(size: int, params: AuditParams) -> list[int]:
+    """The tile grids an audit at working size ``size`` caches: G and the grid_choices dividing ``size``."""
+    return sorted({params.grid} | {g for g in config.grid_list(params.grid_choices) if size % g == 0})
 
 
 def _working_size(ws: Workspace, requested: int) -> int:
@@ -204,7 +214,7 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
     """
     clock = time.perf_counter()
     from .cliques import clique_groups
-    from .distances import check_grid, pairwise_tiled_l2
+    from .distances import check_grid, pairwise_tiled_l2_grids
     from .embed import get_embedder
     from .index import TrainingIndex
 
@@ -212,6 +222,7 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
     size = _working_size(ws, params.working_size)
     check_grid(size, params.grid)
     params = AuditParams(**{**params.to_dict(), "working_size": size})
+    grids = cached_grids(size, params)
     by_prompt = generations_by_prompt(ws)
     training = get_training(ws)
     if not training:
@@ -237,11 +248,13 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
 
     try:
         all_gen_ids: list[int] = []
-        nn_ids, nn_l2, nn_tiled, nn_sim, nn_rel = [], [], [], [], []
+        nn_ids, nn_l2, nn_sim, nn_rel = [], [], [], []
+        nn_tiled: dict[int, list[np.ndarray]] = {g: [] for g in grids}
         prompt_ids = sorted(by_prompt)
-        curve_size = np.zeros((len(prompt_ids), len(TAU_GRID)), dtype=np.int32)
-        curve_medoid = np.full((len(prompt_ids), len(TAU_GRID)), -1, dtype=np.int64)
-        curve_mean = np.zeros((len(prompt_ids), len(TAU_GRID)), dtype=np.float32)
+        shape = (len(grids), len(prompt_ids), len(TAU_GRID))
+        curve_size = np.zeros(shape, dtype=np.int32)
+        curve_medoid = np.full(shape, -1, dtype=np.int64)
+        curve_mean = np.zeros(shape, dtype=np.float32)
         results = []
 
         for p_index, pid in enumerate(prompt_ids):
@@ -257,31 +270,36 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
             # nearest training images of every generation: retrieval, then exact distances
             ids, sim = _retrieve(embedder, index, images, k_unconditional if gens[0].prompt is None else k_text)
             clock = _lap(timings, "retrieve", clock)
-            l2, tiled = _exact_to_training(images, ids, pixels, params.grid)
+            l2, tiled_by_grid = _exact_to_training(images, ids, pixels, grids)
             order = np.argsort(l2, axis=1, kind="stable")
-            ids, sim = np.take_along_axis(ids, order, 1), np.take_along_axis(sim, order, 1)
-            l2, tiled = np.take_along_axis(l2, order, 1), np.take_along_axis(tiled, order, 1)
+            ids, sim, l2 = (np.take_along_axis(v, order, 1) for v in (ids, sim, l2))
+            tiled_by_grid = {g: np.take_along_axis(v, order, 1) for g, v in tiled_by_grid.items()}
+            tiled = tiled_by_grid[params.grid]
             n_rel = min(params.relative_n, l2.shape[1])
             rel = l2[:, 0] / np.maximum(params.relative_alpha * l2[:, :n_rel].mean(axis=1), 1e-12)
             keep = min(params.neighbours, l2.shape[1])
-            nn_ids.append(ids[:, :keep]); nn_l2.append(l2[:, :keep]); nn_tiled.append(tiled[:, :keep])
-            nn_sim.append(sim[:, :keep]); nn_rel.append(rel)
+            nn_ids.append(ids[:, :keep]); nn_l2.append(l2[:, :keep]); nn_sim.append(sim[:, :keep]); nn_rel.append(rel)
+            for g in grids:
+                nn_tiled[g].append(tiled_by_grid[g][:, :keep])
             clock = _lap(timings, "exact_neighbours", clock)
 
             if gens[0].prompt is None:
                 groups = []  # unconditional: judged per generation by relative L2 below
             else:
-                dist = pairwise_tiled_l2(images, grid=params.grid).cpu().numpy().astype(np.float32)
-                np.fill_diagonal(dist, 0.0)
+                by_grid = {g: d.cpu().numpy().astype(np.float32) for g, d in pairwise_tiled_l2_grids(images, grids=grids).items()}
                 clock = _lap(timings, "distances", clock)
-                np.save(cache / f"prompt-{pid}.npy", dist)
+                for g, d in by_grid.items():
+                    np.fill_diagonal(d, 0.0)
+                    np.save(cache / _distance_file(pid, g, params.grid), d)
+                dist = by_grid[params.grid]
                 clock = _lap(timings, "save_cache", clock)
                 # the largest clique is always kept (even of size 1: every prompt gets a candidate, so
                 # Figure 5 can attribute it); further groups only down to group_min_size
                 groups = clique_groups(dist, params.edge_threshold, 1, params.max_groups, on_budget="best")
                 groups = groups[:1] + [g for g in groups[1:] if g.size >= params.group_min_size]
                 clock = _lap(timings, "cliques", clock)
-                _fill_curve(dist, p_index, base, curve_size, curve_medoid, curve_mean)
+                for gi, g in enumerate(grids):
+                    _fill_curve(by_grid[g], p_index, base, curve_size[gi], curve_medoid[gi], curve_mean[gi])
                 clock = _lap(timings, "curve", clock)
             results.append((pid, gens, groups, base, l2, tiled, rel, ids, sim))
 
@@ -291,10 +309,11 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
         np.save(cache / "gen_ids.npy", gen_ids)
         np.save(cache / "nn_ids.npy", np.concatenate(nn_ids) if nn_ids else np.zeros((0, params.neighbours), np.int64))
         np.save(cache / "nn_l2.npy", np.concatenate(nn_l2) if nn_l2 else empty_f)
-        np.save(cache / "nn_tiled.npy", np.concatenate(nn_tiled) if nn_tiled else empty_f)
+        for g in grids:
+            np.save(cache / _tiled_file(g, params.grid), np.concatenate(nn_tiled[g]) if nn_tiled[g] else empty_f)
         np.save(cache / "nn_sim.npy", np.concatenate(nn_sim) if nn_sim else empty_f)
         np.save(cache / "nn_rel.npy", np.concatenate(nn_rel) if nn_rel else np.zeros(0, np.float32))
-        np.savez(cache / "curves.npz", taus=TAU_GRID, prompt_ids=np.asarray(prompt_ids, np.int64),
+        np.savez(cache / "curves.npz", taus=TAU_GRID, prompt_ids=np.asarray(prompt_ids, np.int64), grids=np.asarray(grids, np.int64),
                  size=curve_size, medoid=curve_medoid, mean=curve_mean)
         clock = _lap(timings, "save_cache", clock)
 
@@ -314,6 +333,15 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
 
 
 RUN_LOCK = ".lock"
+
+
+def _distance_file(prompt_id: int, grid: int, run_grid: int) -> str:
+    """A prompt's cached distance matrix: prompt-<id>.npy at the run's grid, prompt-<id>-g<G>.npy at others."""
+    return f"prompt-{prompt_id}.npy" if grid == run_grid else f"prompt-{prompt_id}-g{grid}.npy"
+
+
+def _tiled_file(grid: int, run_grid: int) -> str:
+    return "nn_tiled.npy" if grid == run_grid else f"nn_tiled-g{grid}.npy"
 
 
 def _own_run(cache: Path):
@@ -372,19 +400,21 @@ def _retrieve(embedder, index, images: np.ndarray, k: int) -> tuple[np.ndarray, 
     return np.asarray(ids, np.int64), np.asarray(sim, np.float32)
 
 
-def _exact_to_training(images: np.ndarray, ids: np.ndarray, pixels: _TrainingPixels, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact normalised and tiled L2 between each generation and each of its retrieved training images.
+def _exact_to_training(images: np.ndarray, ids: np.ndarray, pixels: _TrainingPixels,
+                       grids: list[int]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Exact normalised L2 and tiled L2 (at every grid) between each generation and each of its retrieved training images.
 
     Each distinct training image is decoded once and the pairs are indexed, so neither side is
     repeated in memory (500 generations x 50 neighbours at 512 x 512 would otherwise need 118 GB).
     """
-    from .distances import paired_distances
+    from .distances import paired_distances_grids
 
     n, k = ids.shape
     unique, inverse = np.unique(ids, return_inverse=True)
     train = pixels.get(unique)
-    l2, tiled = paired_distances(images, train, grid, ia=np.repeat(np.arange(n), k), ib=inverse.reshape(-1))
-    return (np.asarray(l2, dtype=np.float32).reshape(n, k), np.asarray(tiled, dtype=np.float32).reshape(n, k))
+    l2, tiled = paired_distances_grids(images, train, grids, ia=np.repeat(np.arange(n), k), ib=inverse.reshape(-1))
+    return (np.asarray(l2, dtype=np.float32).reshape(n, k),
+            {g: np.asarray(t, dtype=np.float32).reshape(n, k) for g, t in tiled.items()})
 
 
 def _fill_curve(dist: np.ndarray, p: int, base: int, size: np.ndarray, medoid: np.ndarray, mean: np.ndarray) -> None:
@@ -557,12 +587,15 @@ class RunCache:
         self.row_of = {int(g): i for i, g in enumerate(self.gen_ids)}
         self.nn_ids = np.load(d / "nn_ids.npy")
         self.nn_l2 = np.load(d / "nn_l2.npy")
-        self.nn_tiled = np.load(d / "nn_tiled.npy")
         self.nn_sim = np.load(d / "nn_sim.npy")
         self.nn_rel = np.load(d / "nn_rel.npy")
         c = np.load(d / "curves.npz")
         self.taus, self.prompt_ids = c["taus"], c["prompt_ids"]
-        self.size, self.medoid, self.mean = c["size"], c["medoid"], c["mean"]
+        # the tile grids cached (runs made before the grid slider cached their own grid alone)
+        self.grids = [int(g) for g in c["grids"]] if "grids" in c else [self.params.grid]
+        self.grid = self.params.grid
+        self.size, self.medoid, self.mean = ((c[name] if "grids" in c else c[name][None]) for name in ("size", "medoid", "mean"))
+        self.nn_tiled = {g: np.load(d / _tiled_file(g, self.grid)) for g in self.grids}
         with ws.connect() as con:
             rows = con.execute("SELECT p.id, p.text, COUNT(g.id) AS n FROM prompts p JOIN generations g ON g.prompt_id = p.id GROUP BY p.id").fetchall()
         self.prompt_text = {r["id"]: (r["text"] or None) for r in rows}
@@ -572,15 +605,25 @@ class RunCache:
     def tau_index(self, tau: float) -> int:
         return int(np.argmin(np.abs(self.taus - tau)))
 
-    def distances(self, prompt_id: int) -> np.ndarray:
-        path = self.dir / f"prompt-{prompt_id}.npy"
+    def grid_index(self, grid: int | None) -> int:
+        """The position of ``grid`` (None: the run's own) among the cached grids."""
+        grid = self.grid if grid is None else int(grid)
+        if grid not in self.grids:
+            raise InputError(f"audit run {self.run_id} cached tile grids {', '.join(map(str, self.grids))}, not {grid}; "
+                             f"audit again with --grid-choices including {grid}")
+        return self.grids.index(grid)
+
+    def distances(self, prompt_id: int, grid: int | None = None) -> np.ndarray:
+        grid = self.grids[self.grid_index(grid)]
+        path = self.dir / _distance_file(prompt_id, grid, self.grid)
         if not path.is_file():
-            raise MemauditError(f"prompt {prompt_id} has no cached distances in audit run {self.run_id}")
+            raise MemauditError(f"prompt {prompt_id} has no cached distances at grid {grid} in audit run {self.run_id}")
         return np.load(path)
 
-    def recount(self, tau: float, k: int, delta: float) -> Recount:
-        t = self.tau_index(tau)
-        size, best = self.size[:, t], self.best_l2[:, t]
+    def recount(self, tau: float, k: int, delta: float, grid: int | None = None) -> Recount:
+        """Flagged prompts and extractions at tau (snapped to TAU_GRID), k, delta and a cached tile grid."""
+        t, gi = self.tau_index(tau), self.grid_index(grid)
+        size, best, mean = self.size[gi, :, t], self.best_l2[gi, :, t], self.mean[gi, :, t]
         flagged = size >= k
         extracted = flagged & (best <= delta)
         rows = []
@@ -590,24 +633,28 @@ class RunCache:
             if text is None:  # unconditional prompt: relative-L2 verdicts are per generation
                 continue
             rows.append(PromptRow(pid, text, self.prompt_count.get(pid, 0), int(size[i]), bool(flagged[i]), bool(extracted[i]),
-                                  float(self.mean[i, t]), float(best[i]) if np.isfinite(best[i]) else None))
+                                  float(mean[i]), float(best[i]) if np.isfinite(best[i]) else None))
         rows.sort(key=lambda r: (not r.flagged, -r.largest_clique, r.mean_distance or 0.0))
-        return Recount(float(self.taus[t]), k, delta, int(flagged.sum()), int(extracted.sum()), rows)
+        return Recount(float(self.taus[t]), k, delta, self.grids[gi], int(flagged.sum()), int(extracted.sum()), rows)
 
 
-def recount(ws: Workspace, run_id: int | None = None, *, tau: float, k: int, delta: float, cache: RunCache | None = None) -> Recount:
-    """Flagged prompts and extractions at new thresholds, from the run's cache (tau snaps to TAU_GRID)."""
+def recount(ws: Workspace, run_id: int | None = None, *, tau: float, k: int, delta: float, grid: int | None = None,
+            cache: RunCache | None = None) -> Recount:
+    """Flagged prompts and extractions at new thresholds, from the run's cache (tau snaps to TAU_GRID;
+    grid is one the run cached, by default its own)."""
     cache = cache or RunCache(ws, _require_run(ws, run_id))
-    return cache.recount(tau, k, delta)
+    return cache.recount(tau, k, delta, grid)
 
 
 def prompt_groups(ws: Workspace, run_id: int | None, prompt_id: int, *, tau: float, min_size: int, max_groups: int,
-                  cache: RunCache | None = None) -> list[GroupView]:
-    """The clique groups of one prompt at any tau, each with its medoid's nearest training images."""
+                  grid: int | None = None, cache: RunCache | None = None) -> list[GroupView]:
+    """The clique groups of one prompt at any tau and cached tile grid, each with its medoid's nearest training images."""
     from .cliques import clique_groups
 
     cache = cache or RunCache(ws, _require_run(ws, run_id))
-    dist = cache.distances(prompt_id)
+    grid = cache.grids[cache.grid_index(grid)]
+    dist = cache.distances(prompt_id, grid)
+    tiled = cache.nn_tiled[grid]
     with ws.connect() as con:
         ids = [r[0] for r in con.execute("SELECT id FROM generations WHERE prompt_id = ? ORDER BY seed, id", (prompt_id,))]
     gens = get_generations(ws, ids)
@@ -621,7 +668,7 @@ def prompt_groups(ws: Workspace, run_id: int | None, prompt_id: int, *, tau: flo
     for g in groups:
         medoid = order[g.medoid]
         row = cache.row_of[medoid.id]
-        nbrs = [NeighbourView(train[int(cache.nn_ids[row, j])], j, float(cache.nn_l2[row, j]), float(cache.nn_tiled[row, j]),
+        nbrs = [NeighbourView(train[int(cache.nn_ids[row, j])], j, float(cache.nn_l2[row, j]), float(tiled[row, j]),
                               float(cache.nn_sim[row, j])) for j in range(cache.nn_ids.shape[1])]
         views.append(GroupView([order[m] for m in g.members], medoid, g.mean_distance, nbrs))
     return views

@@ -112,7 +112,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     _emit(args, "\n".join(lines), {"imported": report.imported, "skipped": skipped})
 
 
-AUDIT_SETTINGS = ("edge_threshold", "min_clique", "group_min_size", "max_groups", "grid", "delta", "neighbours", "embedder",
+AUDIT_SETTINGS = ("edge_threshold", "min_clique", "group_min_size", "max_groups", "grid", "grid_choices", "delta", "neighbours", "embedder",
                   "relative_alpha", "relative_n", "working_size")
 
 

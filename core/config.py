@@ -10,7 +10,7 @@ documented default, never hidden constants. A workspace may override a default
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class Setting:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
+    parse: Callable[[Any], Any] | None = None  # normalises a value, raising ValueError when it is malformed
 
     def check(self, value: Any) -> Any:
         """Coerce ``value`` to this setting's type, raising ValueError naming the setting."""
@@ -35,7 +36,25 @@ class Setting:
             raise ValueError(f"{self.name} must be >= {self.minimum}, got {value!r}")
         if self.maximum is not None and value > self.maximum:
             raise ValueError(f"{self.name} must be <= {self.maximum}, got {value!r}")
+        if self.parse is not None:
+            value = self.parse(value)
         return value
+
+
+def parse_grids(text: str) -> str:
+    """'1, 2,4 ,8' -> '1,2,4,8': distinct positive grids, ascending ('' for none)."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        grids = sorted({int(p) for p in parts})
+    except ValueError:
+        raise ValueError(f"grid_choices must be grids separated by commas, like 1,2,4,8; got {text!r}") from None
+    if any(g < 1 or g > 64 for g in grids):
+        raise ValueError(f"grid_choices must hold grids from 1 to 64, got {text!r}")
+    return ",".join(map(str, grids))
+
+
+def grid_list(text: str) -> list[int]:
+    return [int(p) for p in parse_grids(text).split(",") if p]
 
 
 _SETTINGS = [
@@ -58,6 +77,10 @@ _SETTINGS = [
     Setting("grid", 4, int,
             "G: tiled L2 splits each image into a G x G grid of tiles and takes the maximum over tile "
             "positions of the normalised L2. G must divide the working size.", 1, 64),
+    Setting("grid_choices", "1,2,4,8", str,
+            "Tile grids the audit also caches, besides G, for the dashboard's grid slider: those dividing the "
+            "working size. One pass of distance products serves them all; each adds its tau curve to the audit "
+            "time and its distance matrices to the cache. '' caches G alone.", parse=parse_grids),
     Setting("delta", 0.15, float,
             "(l2, delta)-extraction: a candidate extracts a training image when their normalised L2 "
             "is <= delta (the paper uses 0.15 at 512 x 512).", 0.0, 1.0),

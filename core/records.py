@@ -62,6 +62,7 @@ class AuditParams:
     relative_alpha: float
     relative_n: int
     working_size: int
+    grid_choices: str = ""  # extra grids cached for re-thresholding ('' in runs made before the grid slider)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

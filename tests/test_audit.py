@@ -81,6 +81,63 @@ def test_prompt_groups_at_any_tau(planted):
     assert audit.prompt_groups(ws, run_id, pid, tau=0.01, min_size=3, max_groups=5) == []
 
 
+def test_every_cached_grid_recounts_like_a_run_at_that_grid(planted):
+    """The grid slider: a run caches grids 1, 2, 4, 8; recounting at any of them gives what a
+    fresh audit at that grid gives, prompt by prompt, and the same clique groups."""
+    ws, run_id = planted
+    cache = audit.RunCache(ws, run_id)
+    size = audit.run_params(ws, run_id).working_size
+    assert cache.grid == 4 and cache.grids == [g for g in (1, 2, 4, 8) if size % g == 0] == [1, 2, 4, 8]
+    # plain L2 (grid 1) links the flat-texture trap that tiled L2 keeps apart: PAPER.md's reason for tiles
+    assert {r.prompt for r in cache.recount(0.1, 10, 0.15, grid=1).prompts if r.flagged} == set(FLAGGED) | {"flat trap"}
+    assert {r.prompt for r in cache.recount(0.1, 10, 0.15).prompts if r.flagged} == set(FLAGGED)
+    two = next(r.prompt_id for r in audit.prompt_results(ws, run_id) if r.prompt == "two copies")
+    for g in cache.grids:
+        fresh = audit.RunCache(ws, audit.run_audit(ws, audit.params_from(ws, grid=g, grid_choices="")))
+        assert fresh.grids == [g]
+        for tau, k, delta in ((0.1, 10, 0.15), (0.05, 6, 0.15), (0.2, 3, 0.05)):
+            mine, theirs = cache.recount(tau, k, delta, grid=g), fresh.recount(tau, k, delta)
+            assert mine.grid == theirs.grid == g
+            assert [(r.prompt, r.largest_clique, r.flagged, r.extracted) for r in mine.prompts] == \
+                   [(r.prompt, r.largest_clique, r.flagged, r.extracted) for r in theirs.prompts]
+        for pid in cache.prompt_ids:
+            np.testing.assert_allclose(cache.distances(int(pid), g), fresh.distances(int(pid)), atol=1e-5, rtol=0)
+        ours = audit.prompt_groups(ws, run_id, two, tau=0.1, min_size=3, max_groups=5, grid=g, cache=cache)
+        again = audit.prompt_groups(ws, fresh.run_id, two, tau=0.1, min_size=3, max_groups=5, cache=fresh)
+        assert [sorted(m.id for m in x.members) for x in ours] == [sorted(m.id for m in x.members) for x in again]
+        for x, y in zip(ours, again):
+            assert [n.training.id for n in x.neighbours] == [n.training.id for n in y.neighbours]
+            np.testing.assert_allclose([n.tiled_l2 for n in x.neighbours], [n.tiled_l2 for n in y.neighbours], atol=1e-6)
+            assert all(n.tiled_l2 >= n.l2 - 1e-6 for n in x.neighbours)
+
+
+def test_an_uncached_grid_says_how_to_get_it(planted):
+    ws, _ = planted
+    run = audit.run_audit(ws, audit.params_from(ws, grid_choices=""))
+    cache = audit.RunCache(ws, run)
+    assert cache.grids == [4]
+    assert not list(cache.dir.glob("*-g*.npy"))  # nothing cached beyond the run's grid
+    with pytest.raises(InputError, match=r"cached tile grids 4, not 2; audit again with --grid-choices including 2"):
+        cache.recount(0.1, 10, 0.15, grid=2)
+    with pytest.raises(ValueError, match="grid_choices must be grids separated by commas"):
+        audit.params_from(ws, grid_choices="1,two")
+
+
+def test_runs_cached_before_the_grid_slider_still_load(planted):
+    """A cache written before grids were cached (2-D curves, no grids key) reads as its own grid alone."""
+    ws, run_id = planted
+    run = audit.run_audit(ws)
+    d = ws.root / "cache" / f"run-{run}"
+    c = dict(np.load(d / "curves.npz"))
+    g = c.pop("grids").tolist().index(4)
+    np.savez(d / "curves.npz", **{k: (v[g] if k in ("size", "medoid", "mean") else v) for k, v in c.items()})
+    for f in d.glob("*-g*.npy"):
+        f.unlink()
+    old, new = audit.RunCache(ws, run), audit.RunCache(ws, run_id)
+    assert old.grids == [4]
+    assert old.recount(0.1, 10, 0.15).prompts == new.recount(0.1, 10, 0.15).prompts
+
+
 def test_figure5_table_counts_prompts_by_duplicate_count(planted):
     ws, run_id = planted
     table = audit.duplicate_extraction_table(ws, run_id)

@@ -175,6 +175,69 @@ def test_paired_distances_by_index_match_the_paired_functions():
         distances.paired_distances(gens, train, 4, ia=[0.5], ib=[1])
 
 
+# ---------------------------------------------------------------------------- several grids at once
+@settings(max_examples=40, deadline=None)
+@given(x=images)
+def test_several_grids_in_one_pass_match_each_grid_alone(x):
+    grids = [g for g in (1, 2, 4, 8) if x.shape[1] % g == 0]
+    both = distances.pairwise_tiled_l2_grids(x, grids=grids)
+    assert sorted(both) == grids
+    for g in grids:
+        d = both[g]
+        assert torch.equal(d, d.T) and torch.all(torch.diagonal(d) == 0)
+        np.testing.assert_allclose(d.numpy(), reference_tiled(x, x, g), atol=5e-5, rtol=0)
+    two = distances.pairwise_tiled_l2_grids(x, x[::-1].copy(), grids=grids)
+    for g in grids:
+        np.testing.assert_allclose(two[g].numpy(), reference_tiled(x, x[::-1], g), atol=5e-5, rtol=0)
+
+
+def test_several_grids_are_exact_near_zero_and_on_photographs(monkeypatch):
+    """Copies, near copies and photographs: every grid from one pass agrees with the definition,
+    identical images are exactly 0, also with bands smaller than a tile."""
+    rng = np.random.default_rng(3)
+    photos = photographs(64)
+    x = np.concatenate([near_copies(rng, photos[0], [1e-5, 1e-3, 1e-2]), photos[1:]])
+    for chunk in (distances.CHUNK_BYTES, 16 * 3 * 4 * 12 * 3):
+        monkeypatch.setattr(distances, "CHUNK_BYTES", chunk)
+        out = distances.pairwise_tiled_l2_grids(x, grids=(1, 2, 4, 8))
+        for g, d in out.items():
+            ref = reference_tiled(x, x, g)
+            assert np.abs(d.numpy() - ref).max() <= distances.TOLERANCE
+            assert d[0, 1] == 0.0 and np.array_equal(d.numpy() == 0, ref == 0)
+            np.testing.assert_allclose(d.numpy(), pairwise_tiled_l2(x, grid=g).numpy(), atol=1e-5, rtol=0)
+
+
+def test_grids_that_do_not_nest_still_agree():
+    """2 and 3 share no tiles: the 6 x 6 tiles serve both (partial sums stay open longer)."""
+    x = photographs(12)
+    out = distances.pairwise_tiled_l2_grids(x, grids=(3, 2))
+    for g in (2, 3):
+        np.testing.assert_allclose(out[g].numpy(), reference_tiled(x, x, g), atol=5e-5, rtol=0)
+
+
+def test_paired_distances_for_several_grids():
+    rng = np.random.default_rng(6)
+    gens, train = rng.random((5, 16, 16, 3), dtype=np.float32), rng.random((7, 16, 16, 3), dtype=np.float32)
+    ia, ib = np.repeat(np.arange(5), 3), rng.integers(0, 7, size=15)
+    l2, tiled = distances.paired_distances_grids(gens, train, (1, 2, 4, 8), ia=ia, ib=ib)
+    np.testing.assert_allclose(l2.numpy(), paired_l2(gens[ia], train[ib]).numpy(), rtol=1e-6)
+    for g, t in tiled.items():
+        np.testing.assert_allclose(t.numpy(), paired_tiled_l2(gens[ia], train[ib], g).numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(tiled[1].numpy(), l2.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("grids, message", [
+    ((), "non-empty sequence"),
+    (4, "non-empty sequence"),
+    ((2, 3), "grid 3 does not divide the working size 16"),
+    ((0,), "positive integer"),
+])
+def test_bad_grid_sets_raise(grids, message):
+    x = np.zeros((2, 16, 16, 3), np.float32)
+    with pytest.raises(InputError, match=message):
+        distances.pairwise_tiled_l2_grids(x, grids=grids)
+
+
 def test_average_pool_is_the_window_mean():
     rng = np.random.default_rng(0)
     x = rng.random((3, 8, 12, 2), dtype=np.float32)
