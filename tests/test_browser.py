@@ -136,6 +136,26 @@ def test_moving_a_slider_recounts(server, page):
     shoot(page, "3-cliques-k6")
 
 
+def test_moving_the_grid_slider_recounts(server, page):
+    """G 4 -> 1 by keyboard: plain L2 links the flat-texture trap, a fifth flagged prompt."""
+    base, ws, run_id = server
+    page.goto(f"{base}/cliques")
+    settle(page, "Cliques")
+    assert metric_value(page, "Flagged prompts") == "4"
+    slider = page.get_by_role("slider").nth(3)  # G: tile grid (options 1, 2, 4, 8)
+    assert slider.get_attribute("aria-valuetext") == "4 x 4"
+    slider.focus()
+    for _ in range(2):
+        page.keyboard.press("ArrowLeft")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some(m => "
+        "m.innerText.startsWith('Flagged prompts') && m.querySelector('[data-testid=\"stMetricValue\"]').innerText.trim() === '5')",
+        timeout=20_000)
+    settle(page, "Cliques")
+    assert slider.get_attribute("aria-valuetext") == "1 x 1"
+    shoot(page, "3-cliques-grid1")
+
+
 def test_labelling_by_click_and_by_key_lands_in_the_database(server, page):
     from core import labels
 

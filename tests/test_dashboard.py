@@ -163,6 +163,37 @@ def test_cliques_recount_when_a_slider_moves(planted):
     assert metric(at, "Extracted prompts") == "0" and metric(at, "Flagged prompts") == "5"
 
 
+def test_cliques_grid_slider_recounts_from_the_cache(planted):
+    """G 4 -> 1: plain L2 links the flat-texture trap (a fifth flagged prompt); every count and the
+    neighbours' tiled L2 come from the run's cache at the chosen grid."""
+    ws, run_id = planted
+    params = audit.run_params(ws, run_id)
+    cache = audit.RunCache(ws, run_id)
+    at = no_exception(open_app(ws, "cliques"))
+    grid = at.select_slider(key=f"cliques_grid_{run_id}")
+    assert grid.value == params.grid and list(grid.options) == [f"{g} x {g}" for g in cache.grids]
+    assert metric(at, "Flagged prompts") == "4"
+    at.select_slider(key=f"cliques_grid_{run_id}").set_value(1).run()
+    no_exception(at)
+    want = cache.recount(params.edge_threshold, params.min_clique, params.delta, grid=1)
+    assert want.flagged == 5 and "flat trap" in {r.prompt for r in want.prompts if r.flagged}
+    assert metric(at, "Flagged prompts") == "5" and metric(at, "Extracted prompts") == str(want.extracted)
+    shown = at.dataframe[0].value
+    assert list(shown["largest clique"]) == [r.largest_clique for r in want.prompts]
+    assert any("tiled 1x1 " in c.value for c in at.caption)
+    at.select_slider(key=f"cliques_grid_{run_id}").set_value(8).run()
+    assert metric(at, "Flagged prompts") == str(cache.recount(params.edge_threshold, params.min_clique, params.delta, grid=8).flagged)
+
+
+def test_cliques_of_a_run_with_one_grid_say_how_to_cache_more(tmp_path_factory):
+    ws, _ = labelled_copy(tmp_path_factory, "one-grid")
+    run = audit.run_audit(ws, audit.params_from(ws, grid_choices=""))
+    at = no_exception(open_app(ws, "cliques"))
+    assert not [s for s in at.select_slider if s.key == f"cliques_grid_{run}"]
+    assert any("the only grid this run cached" in c.value for c in at.caption)
+    assert metric(at, "Flagged prompts") == "4"
+
+
 def test_cliques_filters(planted):
     ws, run_id = planted
     at = no_exception(open_app(ws, "cliques"))

@@ -26,14 +26,14 @@ except MemauditError as e:
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def recount(root: str, run: int, tau: float, k: int, delta: float) -> audit.Recount:
-    return ui.run_cache(root, run).recount(tau, k, delta)
+def recount(root: str, run: int, tau: float, k: int, delta: float, grid: int) -> audit.Recount:
+    return ui.run_cache(root, run).recount(tau, k, delta, grid)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def groups(root: str, run: int, prompt_id: int, tau: float, min_size: int, max_groups: int) -> list[audit.GroupView]:
+def groups(root: str, run: int, prompt_id: int, tau: float, min_size: int, max_groups: int, grid: int) -> list[audit.GroupView]:
     return audit.prompt_groups(Workspace(root), run, prompt_id, tau=tau, min_size=min_size, max_groups=max_groups,
-                               cache=ui.run_cache(root, run))
+                               grid=grid, cache=ui.run_cache(root, run))
 
 
 @st.cache_data(show_spinner=False)
@@ -43,7 +43,7 @@ def labelled_prompts(root: str, run: int, events: int) -> set[int]:
 
 taus = [float(t) for t in cache.taus]
 max_k = max([params.min_clique, 20, *cache.prompt_count.values()])
-c = st.columns([3, 3, 3, 4], vertical_alignment="bottom")
+c = st.columns([3, 3, 3, 2], vertical_alignment="bottom")
 tau = c[0].select_slider("tau: edge threshold (tiled L2)", options=taus, value=cache.taus[cache.tau_index(params.edge_threshold)].item(),
                          key=f"cliques_tau_{run}", format_func=lambda t: f"{t:.3f}", persist_state="session",
                          help="Two generations of a prompt are linked when their tiled L2 is <= tau.")
@@ -52,19 +52,29 @@ k = c[1].slider("k: minimum clique size", 2, int(max_k), int(params.min_clique),
 delta = c[2].slider("delta: extraction threshold (L2)", 0.0, max(0.5, float(params.delta)), float(params.delta), step=0.005,
                     format="%.3f", key=f"cliques_delta_{run}", persist_state="session",
                     help="A flagged prompt is an extraction when its medoid's nearest training image is within normalised L2 delta.")
-shown = c[3].pills("Show only", ["flagged", "extracted", "unlabelled"], selection_mode="multi", key=f"cliques_filters_{run}",
-                   persist_state="session")
+grid_help = ("Tiled L2 is the largest normalised L2 over a G x G grid of tiles; 1 x 1 is plain L2, which links "
+             "flat textures that are not copies (PAPER.md). Each grid the audit cached recounts instantly.")
+if len(cache.grids) > 1:
+    grid = c[3].select_slider("G: tile grid", options=cache.grids, value=cache.grid, key=f"cliques_grid_{run}",
+                              format_func=lambda g: f"{g} x {g}", persist_state="session", help=grid_help)
+else:
+    grid = cache.grid
+    c[3].caption(f"Tile grid {grid} x {grid}: the only grid this run cached; audit again with the grid_choices "
+                 "setting (for example 1,2,4,8) to compare grids here.", help=grid_help)
+shown = st.pills("Show only", ["flagged", "extracted", "unlabelled"], selection_mode="multi", key=f"cliques_filters_{run}",
+                 persist_state="session")
 
-rc = recount(str(ws.root), run, float(tau), int(k), float(delta))
-base = recount(str(ws.root), run, float(params.edge_threshold), int(params.min_clique), float(params.delta))
+rc = recount(str(ws.root), run, float(tau), int(k), float(delta), int(grid))
+base = recount(str(ws.root), run, float(params.edge_threshold), int(params.min_clique), float(params.delta), cache.grid)
 m = st.columns(4)
 m[0].metric("Flagged prompts", rc.flagged, delta=rc.flagged - base.flagged or None, delta_color="off",
-            help="prompts whose largest clique reaches k at tau")
+            help="prompts whose largest clique reaches k at tau, with tiled L2 on the chosen grid")
 m[1].metric("Extracted prompts", rc.extracted, delta=rc.extracted - base.extracted or None, delta_color="off",
             help="flagged prompts whose largest clique's medoid lies within L2 <= delta of a training image")
 m[2].metric("Text prompts", len(rc.prompts))
 m[3].caption(f"Changes are counted against the run's own thresholds: tau {params.edge_threshold:g}, "
-             f"k {params.min_clique}, delta {params.delta:g}. Moving a slider recounts from cached distances.")
+             f"k {params.min_clique}, delta {params.delta:g}, grid {cache.grid} x {cache.grid}. "
+             "Moving a slider recounts from cached distances.")
 
 if not rc.prompts:
     st.info("This run has no text prompts (unconditional generations are judged one by one): review them on the Review page.")
@@ -100,17 +110,18 @@ picked = table.selection.rows if table is not None and hasattr(table, "selection
 row = rows[picked[0]] if picked and picked[0] < len(rows) else rows[0]
 
 st.subheader(f"“{row.prompt}”")
-st.caption(f"{row.generations} generations · largest clique {row.largest_clique} at tau {rc.tau:.3f} · "
+st.caption(f"{row.generations} generations · largest clique {row.largest_clique} at tau {rc.tau:.3f}, grid {rc.grid} x {rc.grid} · "
            f"{'flagged' if row.flagged else 'not flagged'} · {'extracted' if row.extracted else 'not extracted'}"
            + ("" if picked else " · click a row above to choose another prompt"))
 
 try:
-    found = groups(str(ws.root), run, row.prompt_id, float(rc.tau), int(min(params.group_min_size, k)), int(params.max_groups))
+    found = groups(str(ws.root), run, row.prompt_id, float(rc.tau), int(min(params.group_min_size, k)), int(params.max_groups),
+                   rc.grid)
 except MemauditError as e:
     st.error(str(e))
     st.stop()
 if not found:
-    st.info(f"No clique of {min(params.group_min_size, k)} or more generations at tau = {rc.tau:.3f}.")
+    st.info(f"No clique of {min(params.group_min_size, k)} or more generations at tau = {rc.tau:.3f} on the {rc.grid} x {rc.grid} grid.")
     st.stop()
 
 for gi, g in enumerate(found):
@@ -136,7 +147,7 @@ for gi, g in enumerate(found):
             for j, n in enumerate(views.distinct_neighbours(g.neighbours)[:NEIGHBOURS]):
                 with cols[j]:
                     ui.show_image(ws, n.training.path, NEIGHBOUR, fill=True)
-                    st.caption(f"**{'≤δ ' if n.l2 <= delta else ''}L2 {n.l2:.4f}**  \ntiled {n.tiled_l2:.4f}  \n"
+                    st.caption(f"**{'≤δ ' if n.l2 <= delta else ''}L2 {n.l2:.4f}**  \ntiled {rc.grid}x{rc.grid} {n.tiled_l2:.4f}  \n"
                                f"sim {n.similarity:.3f}  \ndup k {n.training.duplicate_count}")
         if g.neighbours:
             st.markdown("**Compare**")
@@ -159,7 +170,7 @@ for gi, g in enumerate(found):
                 with cols[2]:
                     diff, vmax = views.difference_image(gen_arr, train_arr)
                     st.image(views.upscale_nearest(diff, COMPARE), width=COMPARE, output_format="PNG",
-                             caption=f"|difference|: black 0, pale yellow ≥ {vmax:.2f} · L2 {n.l2:.4f} · tiled {n.tiled_l2:.4f}")
+                             caption=f"|difference|: black 0, pale yellow ≥ {vmax:.2f} · L2 {n.l2:.4f} · tiled {rc.grid}x{rc.grid} {n.tiled_l2:.4f}")
                 with cols[3]:
                     if mode == "overlay":
                         alpha = st.slider("training weight", 0.0, 1.0, 0.5, 0.05, key=f"cmp_alpha_{row.prompt_id}_{gi}")
