@@ -23,6 +23,11 @@ GFLOP/s counts 2 N^2 d (d = 786,432 values per image) for every method: the
 work of the product form over all pairs. Accuracy: the largest difference from
 direct differences summed in float64, near zero and overall.
 
+Several grids: ``pairwise_tiled_l2_grids(x, grids=(1, 2, 4, 8))`` (one pass of
+products for the four grids the audit caches for the dashboard's grid slider) against
+four separate ``pairwise_tiled_l2`` calls and against grid 4 alone, with the largest
+difference between the one-pass and the separate results.
+
 Pruning: ``upper=0.15`` (pooled lower bounds, full resolution only where the
 bound is <= upper), against the unpruned time, on the same 500 images (almost
 no close pairs, like most prompts) and on a "memorised" variant (400 of the 500
@@ -40,11 +45,12 @@ import numpy as np
 import torch
 
 from benchmarks.common import cli, peak_rss_mb, print_table, reset_peak_rss, rss_mb, timeit, write_json
-from core.distances import pairwise_tiled_l2
+from core.distances import pairwise_tiled_l2, pairwise_tiled_l2_grids
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "colorwheel", "hubble_deep_field",
           "retina", "camera", "coins", "moon", "page")
 GRID = 4
+GRIDS = (1, 2, 4, 8)
 UPPER = 0.15
 THREADS = 2
 
@@ -182,6 +188,10 @@ def run(n: int, size: int, subset: int, repeat: int) -> dict:
     print(f"diagonal max {diag_max:g}; subset max |memaudit - reference| {subset_err:.2e}; "
           f"peak memory beyond the inputs {extra_mb:.0f} MB (inputs {x.nbytes / 2**20:.0f} MB)\n")
 
+    grids = grid_rows(x, ours["best_s"])
+    print_table(grids, ["method", "seconds", "vs_one_grid", "max_abs_vs_separate"],
+                f"grids {', '.join(map(str, GRIDS))} from one pass vs separately ({n} images {size}x{size}x3)")
+
     pruning = [prune_case("distinct images (most prompts)", x, dist, ours["best_s"], repeat)]
     # the memorised variant: 400 noisy copies of image 0 (written over the same array)
     rng = np.random.default_rng(1)
@@ -200,8 +210,26 @@ def run(n: int, size: int, subset: int, repeat: int) -> dict:
         "reference_subset_s": ref_time["best_s"], "timings": rows, "memaudit_runs": ours,
         "matmul_runs": mm, "near_zero": near_rows, "diagonal_max": diag_max,
         "subset_max_abs_vs_reference": subset_err, "peak_extra_mb": extra_mb, "inputs_mb": x.nbytes / 2**20,
-        "pruning": pruning,
+        "pruning": pruning, "grids": grids,
     }
+
+
+def grid_rows(x: np.ndarray, one_grid_s: float) -> list[dict]:
+    t0 = time.perf_counter()
+    together = pairwise_tiled_l2_grids(x, grids=GRIDS)
+    together_s = time.perf_counter() - t0
+    separate, separate_s = {}, 0.0
+    for g in GRIDS:
+        t0 = time.perf_counter()
+        separate[g] = pairwise_tiled_l2(x, grid=g)
+        separate_s += time.perf_counter() - t0
+    err = max(float((together[g] - separate[g]).abs().max()) for g in GRIDS)
+    return [{"method": f"pairwise_tiled_l2_grids {GRIDS}", "seconds": together_s, "vs_one_grid": together_s / one_grid_s,
+             "max_abs_vs_separate": err},
+            {"method": f"{len(GRIDS)} pairwise_tiled_l2 calls", "seconds": separate_s, "vs_one_grid": separate_s / one_grid_s,
+             "max_abs_vs_separate": 0.0},
+            {"method": f"pairwise_tiled_l2, grid {GRID} alone (best above)", "seconds": one_grid_s, "vs_one_grid": 1.0,
+             "max_abs_vs_separate": None}]
 
 
 def prune_case(name: str, x: np.ndarray, full: torch.Tensor, full_s: float, repeat: int) -> dict:

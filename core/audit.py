@@ -117,6 +117,26 @@ def cached_grids(size: int, params: AuditParams) -> list[int]:
     return sorted({params.grid} | {g for g in config.grid_list(params.grid_choices) if size % g == 0})
 
 
+CURVE_TASKS_PER_WORKER = 4  # fewer tau curves than this per worker process are computed inline
+CURVE_MIN_GENERATIONS = 100  # automatic workers only for prompts this large (smaller curves take milliseconds)
+
+
+def curve_workers(setting: int, tasks: int, generations: int) -> int:
+    """Worker processes for ``tasks`` tau curves of prompts of about ``generations`` each.
+
+    ``setting`` is the ``audit_workers`` setting: -1 (automatic) uses one per CPU core, at most 8,
+    when the prompts are large enough to pay for starting them; N > 0 uses N; 0 computes inline.
+    Never more workers than the tasks keep busy.
+    """
+    import os
+
+    n = int(setting)
+    if n < 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = min(8, cores) if cores > 1 and generations >= CURVE_MIN_GENERATIONS else 0
+    return max(0, min(n, tasks // CURVE_TASKS_PER_WORKER))
+
+
 def _working_size(ws: Workspace, requested: int) -> int:
     if requested:
         return requested
@@ -229,6 +249,7 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
         raise InputError(f"{ws.root} has no training images; add them with `memaudit add-training {ws.root} DIR`")
 
     settings = ws.settings()
+    budget = int(settings["clique_node_budget"])
     embedder = get_embedder(params.embedder, settings)
     index = TrainingIndex.open(ws, params.embedder, embedder=embedder)
     pixels = _TrainingPixels(ws, size, training)
@@ -246,15 +267,14 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
         cache.mkdir(parents=True, exist_ok=True)
         owner = _own_run(cache)  # before the commit: no other process ever sees this run without its owner
 
+    prompt_ids = sorted(by_prompt)
+    sizes = sorted(len(by_prompt[pid]) for pid in prompt_ids if by_prompt[pid][0].prompt is not None)
+    workers = curve_workers(settings["audit_workers"], len(sizes) * len(grids), sizes[len(sizes) // 2] if sizes else 0)
+    curves = _Curves((len(grids), len(prompt_ids), len(TAU_GRID)), workers, budget)
     try:
         all_gen_ids: list[int] = []
         nn_ids, nn_l2, nn_sim, nn_rel = [], [], [], []
         nn_tiled: dict[int, list[np.ndarray]] = {g: [] for g in grids}
-        prompt_ids = sorted(by_prompt)
-        shape = (len(grids), len(prompt_ids), len(TAU_GRID))
-        curve_size = np.zeros(shape, dtype=np.int32)
-        curve_medoid = np.full(shape, -1, dtype=np.int64)
-        curve_mean = np.zeros(shape, dtype=np.float32)
         results = []
 
         for p_index, pid in enumerate(prompt_ids):
@@ -295,15 +315,17 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
                 clock = _lap(timings, "save_cache", clock)
                 # the largest clique is always kept (even of size 1: every prompt gets a candidate, so
                 # Figure 5 can attribute it); further groups only down to group_min_size
-                groups = clique_groups(dist, params.edge_threshold, 1, params.max_groups, on_budget="best")
+                groups = clique_groups(dist, params.edge_threshold, 1, params.max_groups, budget=budget, on_budget="best")
                 groups = groups[:1] + [g for g in groups[1:] if g.size >= params.group_min_size]
                 clock = _lap(timings, "cliques", clock)
                 for gi, g in enumerate(grids):
-                    _fill_curve(by_grid[g], p_index, base, curve_size[gi], curve_medoid[gi], curve_mean[gi])
+                    curves.add(gi, p_index, base, by_grid[g], cache / _distance_file(pid, g, params.grid))
                 clock = _lap(timings, "curve", clock)
             results.append((pid, gens, groups, base, l2, tiled, rel, ids, sim))
 
         clock = time.perf_counter()
+        curves.finish()
+        clock = _lap(timings, "curve", clock)
         gen_ids = np.asarray(all_gen_ids, dtype=np.int64)
         empty_f = np.zeros((0, params.neighbours), np.float32)
         np.save(cache / "gen_ids.npy", gen_ids)
@@ -314,12 +336,13 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
         np.save(cache / "nn_sim.npy", np.concatenate(nn_sim) if nn_sim else empty_f)
         np.save(cache / "nn_rel.npy", np.concatenate(nn_rel) if nn_rel else np.zeros(0, np.float32))
         np.savez(cache / "curves.npz", taus=TAU_GRID, prompt_ids=np.asarray(prompt_ids, np.int64), grids=np.asarray(grids, np.int64),
-                 size=curve_size, medoid=curve_medoid, mean=curve_mean)
+                 size=curves.size, medoid=curves.medoid, mean=curves.mean)
         clock = _lap(timings, "save_cache", clock)
 
         _store_results(ws, run_id, params, results)
         _lap(timings, "store", clock)
     except BaseException:
+        curves.close()
         with ws.transaction() as con:
             con.execute("DELETE FROM audit_runs WHERE id = ?", (run_id,))
         shutil.rmtree(cache, ignore_errors=True)
@@ -417,8 +440,8 @@ def _exact_to_training(images: np.ndarray, ids: np.ndarray, pixels: _TrainingPix
             {g: np.asarray(t, dtype=np.float32).reshape(n, k) for g, t in tiled.items()})
 
 
-def _fill_curve(dist: np.ndarray, p: int, base: int, size: np.ndarray, medoid: np.ndarray, mean: np.ndarray) -> None:
-    """Largest clique size, its medoid (global row) and mean distance at every tau of TAU_GRID.
+def tau_curve(dist: np.ndarray, budget: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Largest clique size, its medoid (row of ``dist``) and mean distance at every tau of TAU_GRID.
 
     The size is a non-decreasing step function of tau (``largest_clique_curve`` solves each
     distinct graph once). Within a run of taus of equal size, the maximum clique found at the
@@ -427,13 +450,108 @@ def _fill_curve(dist: np.ndarray, p: int, base: int, size: np.ndarray, medoid: n
     """
     from .cliques import clique_groups, largest_clique_curve
 
-    sizes = largest_clique_curve(dist, TAU_GRID, on_budget="best")
+    n = len(TAU_GRID)
+    size, medoid, mean = np.zeros(n, np.int32), np.zeros(n, np.int64), np.zeros(n, np.float32)
+    sizes = largest_clique_curve(dist, TAU_GRID, budget=budget, on_budget="best")
     answer = (1, 0, 0.0)
     for t, tau in enumerate(TAU_GRID):
         if t == 0 or sizes[t] != sizes[t - 1]:
-            g = clique_groups(dist, float(tau), 1, 1, on_budget="best")[0]
+            g = clique_groups(dist, float(tau), 1, 1, budget=budget, on_budget="best")[0]
             answer = (g.size, g.medoid, g.mean_distance)
-        size[p, t], medoid[p, t], mean[p, t] = answer[0], base + answer[1], answer[2]
+        size[t], medoid[t], mean[t] = answer
+    return size, medoid, mean
+
+
+class _Curves:
+    """The tau curves of every (grid, prompt): computed inline, or by worker processes
+    (``core.curve_worker``) beside the audit's main loop, which meanwhile decodes and measures
+    the next prompts (pure-Python clique search holds the GIL, so threads would not help).
+
+    Workers read the distance matrix the audit has just saved to the cache; at most two tasks
+    per worker are in flight, so memory stays bounded however many prompts. Answers are
+    collected in the order the tasks were given, so the result does not depend on timing.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], workers: int, budget: int):
+        self.size = np.zeros(shape, dtype=np.int32)
+        self.medoid = np.full(shape, -1, dtype=np.int64)
+        self.mean = np.zeros(shape, dtype=np.float32)
+        self.budget, self.workers = budget, workers
+        self.procs: list = []
+        self.pending: list[tuple[int, tuple[int, int, int]]] = []  # (worker, (grid index, prompt index, base)), oldest first
+        self.next = 0
+
+    def _start(self) -> None:
+        import os
+        import subprocess
+        import sys
+
+        root = str(Path(__file__).resolve().parent.parent)  # so that `core` imports however memaudit was installed
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p),
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self.procs = [subprocess.Popen([sys.executable, "-m", "core.curve_worker"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True, env=env) for _ in range(self.workers)]
+
+    def add(self, gi: int, p: int, base: int, dist: np.ndarray, path: Path) -> None:
+        if self.workers == 0:
+            self._fill(gi, p, base, *tau_curve(dist, self.budget))
+            return
+        if not self.procs:
+            self._start()
+        w = self.next
+        self.next = (self.next + 1) % self.workers
+        try:
+            self.procs[w].stdin.write(json.dumps({"dist": str(path), "budget": self.budget}) + "\n")
+            self.procs[w].stdin.flush()
+        except BrokenPipeError:
+            self._died(w)
+        self.pending.append((w, (gi, p, base)))
+        while len(self.pending) > 2 * self.workers:
+            self._collect()
+
+    def finish(self) -> None:
+        while self.pending:
+            self._collect()
+        self.close()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except Exception:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        self.procs = []
+
+    def _died(self, w: int) -> None:
+        code = self.procs[w].poll()
+        raise MemauditError(f"a tau-curve worker process ended unexpectedly (exit code {code}); "
+                            "set audit_workers to 0 to compute the curves in the audit's own process")
+
+    def _collect(self) -> None:
+        import warnings
+
+        from .cliques import CliqueBudgetWarning
+
+        w, (gi, p, base) = self.pending.pop(0)
+        line = self.procs[w].stdout.readline()
+        if not line:
+            self._died(w)
+        answer = json.loads(line)
+        if "error" in answer:
+            raise MemauditError(f"computing a tau curve failed: {answer['error']}")
+        for message in answer["warnings"]:
+            warnings.warn(message, CliqueBudgetWarning, stacklevel=2)
+        self._fill(gi, p, base, *(np.asarray(answer[k]) for k in ("size", "medoid", "mean")))
+
+    def _fill(self, gi: int, p: int, base: int, size: np.ndarray, medoid: np.ndarray, mean: np.ndarray) -> None:
+        self.size[gi, p], self.medoid[gi, p], self.mean[gi, p] = size, base + medoid, mean
 
 
 def _store_results(ws: Workspace, run_id: int, params: AuditParams, results: list) -> None:

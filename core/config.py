@@ -74,6 +74,10 @@ _SETTINGS = [
             "Search steps allowed for the exact largest cliques of one prompt's graph (roughly 10 s on 2 CPU "
             "cores). Realistic graphs need a few thousand; past the budget the search stops with a message "
             "(the graph is unusually dense: tau is probably too high).", 1, None),
+    Setting("audit_workers", -1, int,
+            "Processes that compute the tau curves (largest clique at every tau, for the sliders) beside the "
+            "audit's main loop. -1: one per CPU core (at most 8) when prompts have 100 generations or more; "
+            "0: none, all in the audit's own process.", -1, 64),
     Setting("grid", 4, int,
             "G: tiled L2 splits each image into a G x G grid of tiles and takes the maximum over tile "
             "positions of the normalised L2. G must divide the working size.", 1, 64),

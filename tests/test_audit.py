@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from core import audit, labels
-from core.errors import InputError
+from core.errors import InputError, MemauditError
 from workspaces import FLAGGED, NOT_FLAGGED, planted_workspace
 
 
@@ -136,6 +136,83 @@ def test_runs_cached_before_the_grid_slider_still_load(planted):
     old, new = audit.RunCache(ws, run), audit.RunCache(ws, run_id)
     assert old.grids == [4]
     assert old.recount(0.1, 10, 0.15).prompts == new.recount(0.1, 10, 0.15).prompts
+
+
+def test_curve_workers_give_exactly_the_inline_curves(planted):
+    """Tau curves from two worker processes equal those of the audit's own process, bit for bit."""
+    ws, _ = planted
+    caches = []
+    for workers in (0, 2):
+        ws.set_setting("audit_workers", workers)
+        caches.append(audit.RunCache(ws, audit.run_audit(ws)))
+    ws.set_setting("audit_workers", -1)
+    inline, pooled = caches
+    for name in ("size", "medoid", "mean"):
+        assert np.array_equal(getattr(inline, name), getattr(pooled, name)), name
+    assert inline.recount(0.1, 10, 0.15).prompts == pooled.recount(0.1, 10, 0.15).prompts
+
+
+def test_curve_workers_are_chosen_by_setting_cores_and_work(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert audit.curve_workers(-1, 400, 500) == 8           # automatic: one per core, at most 8
+    assert audit.curve_workers(-1, 400, 12) == 0            # tiny prompts: curves take milliseconds
+    assert audit.curve_workers(-1, 12, 500) == 3            # no more workers than 4 curves each
+    assert audit.curve_workers(3, 400, 12) == 3             # an explicit number is used as given
+    assert audit.curve_workers(0, 400, 500) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert audit.curve_workers(-1, 400, 500) == 0           # one core: nothing to overlap with
+
+
+def test_a_curve_worker_that_dies_fails_the_audit_in_one_line_and_leaves_no_run(planted, monkeypatch):
+    import subprocess
+    import sys
+
+    ws, _ = planted
+    runs = [r.id for r in audit.list_runs(ws)]
+
+    def start(self):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True) for _ in range(self.workers)]
+
+    monkeypatch.setattr(audit._Curves, "_start", start)
+    ws.set_setting("audit_workers", 2)
+    try:
+        with pytest.raises(MemauditError, match=r"a tau-curve worker process ended unexpectedly \(exit code 3\); "
+                                                r"set audit_workers to 0"):
+            audit.run_audit(ws)
+    finally:
+        ws.set_setting("audit_workers", -1)
+    assert [r.id for r in audit.list_runs(ws)] == runs
+    with ws.connect() as con:
+        assert con.execute("SELECT COUNT(*) FROM audit_runs WHERE status = 'running'").fetchone()[0] == 0
+    assert sorted(p.name for p in (ws.root / "cache").iterdir()) == sorted(f"run-{r}" for r in runs)
+
+
+def test_a_curve_worker_reports_bad_input_and_budget_warnings(tmp_path):
+    """The worker as a process: a missing file is an error line, a tiny budget a warning, EOF ends it."""
+    import json
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 40)).astype(np.float32) * 0.2
+    dist = np.minimum(x, x.T)
+    np.fill_diagonal(dist, 0)
+    np.save(tmp_path / "d.npy", dist)
+    proc = subprocess.run([sys.executable, "-m", "core.curve_worker"], capture_output=True, text=True, timeout=120,
+                          input="\n".join(json.dumps(t) for t in ({"dist": str(tmp_path / "d.npy"), "budget": 500000},
+                                                                  {"dist": str(tmp_path / "gone.npy"), "budget": 10},
+                                                                  {"dist": str(tmp_path / "d.npy"), "budget": 1})) + "\n",
+                          cwd=str(audit.Path(audit.__file__).resolve().parents[1]))
+    assert proc.returncode == 0, proc.stderr
+    good, missing, starved = (json.loads(line) for line in proc.stdout.splitlines())
+    size, medoid, mean = audit.tau_curve(dist)
+    assert good["size"] == size.tolist() and good["medoid"] == medoid.tolist() and good["warnings"] == []
+    assert np.array_equal(np.asarray(good["mean"], np.float32), mean)
+    assert missing["error"].startswith("FileNotFoundError")
+    assert starved["warnings"] and "budget" in starved["warnings"][0]
 
 
 def test_figure5_table_counts_prompts_by_duplicate_count(planted):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +205,24 @@ def copy_ws(src: Path, dst: Path) -> Path:
 
 
 def cached_prompts(ws: Path) -> int:
-    return len(list((ws / "cache").glob("run-*/prompt-*.npy")))
+    """Prompts whose distances the running audit has cached (at the run's grid: one file each)."""
+    return len([p for p in (ws / "cache").glob("run-*/prompt-*.npy") if "-g" not in p.name])
+
+
+def curve_workers_alive() -> set[int]:
+    """Pids of live (not zombie) ``core.curve_worker`` processes."""
+    found = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"core.curve_worker" in cmd and state != "Z":
+            found.add(int(d.name))
+    return found
 
 
 def assert_audit_complete(ws: Path, summary: dict) -> None:
@@ -220,6 +238,27 @@ def test_kill_during_audit_then_rerun_finishes(tmp_path, planted_ingested, capsy
     ws = copy_ws(planted_ingested, tmp_path / "ws")
     kill_when(["audit", ws], lambda: cached_prompts(ws) >= 2, what="2 prompts audited")
     assert rows_of(ws, "SELECT COUNT(*) FROM candidates") == [(0,)]
+    assert main(["audit", str(ws), "--json"]) == 0
+    assert_audit_complete(ws, json.loads(capsys.readouterr().out))
+
+
+def test_kill_during_an_audit_with_curve_workers_ends_the_workers_too(tmp_path, planted_ingested, capsys):
+    """The tau-curve worker processes read their tasks from the audit's pipe: when the audit is
+    killed, the pipe closes and they end; the rerun finishes as usual."""
+    ws = copy_ws(planted_ingested, tmp_path / "ws")
+    assert cli("settings", ws, "audit_workers", "2").returncode == 0
+    before = curve_workers_alive()
+    seen: set[int] = set()
+
+    def point() -> bool:
+        seen.update(curve_workers_alive() - before)
+        return bool(seen) and cached_prompts(ws) >= 2
+
+    kill_when(["audit", ws], point, what="2 prompts audited with curve workers running", poll=0.002)
+    deadline = time.monotonic() + 20
+    while seen & curve_workers_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not seen & curve_workers_alive(), "curve workers outlived the killed audit"
     assert main(["audit", str(ws), "--json"]) == 0
     assert_audit_complete(ws, json.loads(capsys.readouterr().out))
 

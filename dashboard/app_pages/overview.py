@@ -71,7 +71,8 @@ params = audit.run_params(ws, run)
 ov = views.overview(ws, run)
 
 st.caption(f"Audit run {run}: tau {params.edge_threshold:g}, k {params.min_clique}, delta {params.delta:g}, "
-           f"grid {params.grid}, working size {params.working_size} px, embedder {params.embedder}.")
+           f"grid {params.grid} (cached for the sliders: {', '.join(map(str, audit.cached_grids(params.working_size, params)))}), "
+           f"working size {params.working_size} px, embedder {params.embedder}.")
 
 row = st.columns(6)
 row[0].metric("Models", ov.models)
