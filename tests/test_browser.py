@@ -98,6 +98,14 @@ def metric_value(pg, label: str) -> str:
     return box.locator('[data-testid="stMetricValue"]').inner_text().strip()
 
 
+def wait_for_metric(pg, label: str, value: str, timeout: int = 20_000) -> None:
+    """Wait until the metric labelled ``label`` shows ``value`` (after a widget change reran the page)."""
+    pg.wait_for_function(
+        "([label, value]) => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some(m => "
+        "m.innerText.startsWith(label) && m.querySelector('[data-testid=\"stMetricValue\"]').innerText.trim() === value)",
+        arg=[label, value], timeout=timeout)
+
+
 def test_a_fresh_server_opened_at_a_page_address(server, page):
     """The first visitor of a new server arrives at /review, not at the root (a bookmark)."""
     base, ws, _ = server
@@ -128,10 +136,7 @@ def test_moving_a_slider_recounts(server, page):
     slider.focus()
     for _ in range(4):  # k 10 -> 6: the six-copy prompt joins the flagged ones
         page.keyboard.press("ArrowLeft")
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some(m => "
-        "m.innerText.startsWith('Flagged prompts') && m.querySelector('[data-testid=\"stMetricValue\"]').innerText.trim() === '5')",
-        timeout=20_000)
+    wait_for_metric(page, "Flagged prompts", "5")
     settle(page, "Cliques")
     shoot(page, "3-cliques-k6")
 
@@ -147,10 +152,7 @@ def test_moving_the_grid_slider_recounts(server, page):
     slider.focus()
     for _ in range(2):
         page.keyboard.press("ArrowLeft")
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some(m => "
-        "m.innerText.startsWith('Flagged prompts') && m.querySelector('[data-testid=\"stMetricValue\"]').innerText.trim() === '5')",
-        timeout=20_000)
+    wait_for_metric(page, "Flagged prompts", "5")
     settle(page, "Cliques")
     assert slider.get_attribute("aria-valuetext") == "1 x 1"
     shoot(page, "3-cliques-grid1")
