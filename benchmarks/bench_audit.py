@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 from benchmarks.common import print_table, write_json
-from benchmarks.workspaces import audited_workspace, du_mb, stage_rows
+from benchmarks.workspaces import bench_workspace, du_mb, stage_rows
 
 
 def curve_rows(ws, run_id: int, planted: dict[int, int]) -> list[dict]:
@@ -100,13 +100,9 @@ def main(smoke: bool = False, prompts: int | None = None, per_prompt: int | None
     import torch
 
     from core.audit import count_summary
-    from core.store import Workspace
 
-    prompts = prompts or (10 if smoke else 100)
-    per_prompt = per_prompt or (50 if smoke else 500)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    a = audited_workspace(prompts, per_prompt)
-    ws = Workspace.open(a.built.root)
+    a, ws = bench_workspace(smoke, prompts, per_prompt)
+    prompts, per_prompt = a.built.prompts, a.built.per_prompt
     rate = 60.0 * prompts / a.audit_seconds
     print(f"workspace: {prompts} prompts x {per_prompt} generations (32 x 32), {len(a.built.planted)} planted cliques "
           f"{sorted(a.built.planted.values())}; built in {a.built.seconds['training']:.1f} s (training) + "

@@ -26,23 +26,17 @@ import time
 
 
 from benchmarks.common import print_table, timeit, write_json
-from benchmarks.workspaces import audited_workspace, stage_rows
+from benchmarks.workspaces import bench_workspace, stage_rows
 
 TARGET_S = 0.5
 
 
 def main(smoke: bool = False, prompts: int | None = None, per_prompt: int | None = None) -> dict:
-    import torch
-
     from core import config
     from core.audit import RunCache, prompt_groups
-    from core.store import Workspace
 
-    prompts = prompts or (10 if smoke else 100)
-    per_prompt = per_prompt or (50 if smoke else 500)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    a = audited_workspace(prompts, per_prompt)
-    ws = Workspace.open(a.built.root)
+    a, ws = bench_workspace(smoke, prompts, per_prompt)
+    prompts, per_prompt = a.built.prompts, a.built.per_prompt
     print(f"workspace: {prompts} prompts x {per_prompt} generations, planted cliques {sorted(a.built.planted.values())}; "
           f"run_audit {a.audit_seconds:.1f} s ({60 * prompts / a.audit_seconds:.1f} prompts per minute)\n")
     stages = stage_rows(a)

@@ -185,6 +185,18 @@ def audited_workspace(prompts: int, per_prompt: int) -> AuditedWorkspace:
     return _AUDITED[key]
 
 
+def bench_workspace(smoke: bool, prompts: int | None, per_prompt: int | None):
+    """(AuditedWorkspace, Workspace) at the benchmarks' sizes (default 100 x 500, smoke 10 x 50),
+    with torch at 2 threads at most, as bench_audit and bench_recount measure it."""
+    import torch
+
+    from core.store import Workspace
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    a = audited_workspace(prompts or (10 if smoke else 100), per_prompt or (50 if smoke else 500))
+    return a, Workspace.open(a.built.root)
+
+
 STAGES = ("setup", "decode", "retrieve", "exact_neighbours", "distances", "cliques", "curve", "save_cache", "store")
 
 
