@@ -190,7 +190,7 @@ def test_a_curve_worker_that_dies_fails_the_audit_in_one_line_and_leaves_no_run(
     assert sorted(p.name for p in (ws.root / "cache").iterdir()) == sorted(f"run-{r}" for r in runs)
 
 
-def test_a_curve_worker_reports_bad_input_and_budget_warnings(tmp_path):
+def test_a_curve_worker_reports_bad_input_and_budget_bounds(tmp_path):
     """The worker as a process: a missing file is an error line, a tiny budget a warning, EOF ends it."""
     import json
     import subprocess
@@ -202,17 +202,20 @@ def test_a_curve_worker_reports_bad_input_and_budget_warnings(tmp_path):
     np.fill_diagonal(dist, 0)
     np.save(tmp_path / "d.npy", dist)
     proc = subprocess.run([sys.executable, "-m", "core.curve_worker"], capture_output=True, text=True, timeout=120,
-                          input="\n".join(json.dumps(t) for t in ({"dist": str(tmp_path / "d.npy"), "budget": 500000},
-                                                                  {"dist": str(tmp_path / "gone.npy"), "budget": 10},
-                                                                  {"dist": str(tmp_path / "d.npy"), "budget": 1})) + "\n",
+                          input="\n".join(json.dumps({**t, "taus": audit.TAU_GRID.tolist()}) for t in (
+                              {"dist": str(tmp_path / "d.npy"), "budget": 500000},
+                              {"dist": str(tmp_path / "gone.npy"), "budget": 10},
+                              {"dist": str(tmp_path / "d.npy"), "budget": 1})) + "\n",
                           cwd=str(audit.Path(audit.__file__).resolve().parents[1]))
     assert proc.returncode == 0, proc.stderr
     good, missing, starved = (json.loads(line) for line in proc.stdout.splitlines())
-    size, medoid, mean = audit.tau_curve(dist)
-    assert good["size"] == size.tolist() and good["medoid"] == medoid.tolist() and good["warnings"] == []
+    size, medoid, mean, exact = audit.tau_curve(dist)
+    assert good["size"] == size.tolist() and good["medoid"] == medoid.tolist() and all(good["exact"]) and exact.all()
     assert np.array_equal(np.asarray(good["mean"], np.float32), mean)
-    assert missing["error"].startswith("FileNotFoundError")
-    assert starved["warnings"] and "budget" in starved["warnings"][0]
+    assert missing["error"].startswith("FileNotFoundError") and "Traceback" in missing["traceback"]
+    # a budget too small to finish marks the curve's points as lower bounds instead of passing them for exact
+    assert not all(starved["exact"])
+    assert all(s <= t for s, t in zip(starved["size"], size.tolist()))
 
 
 def test_figure5_table_counts_prompts_by_duplicate_count(planted):
