@@ -903,11 +903,20 @@ def caption_duplicate_table(ws: Workspace, run_id: int | None = None) -> list[di
 
 
 def count_summary(ws: Workspace, run_id: int | None = None) -> dict:
+    """A run's counts, with what its search budgets left uncertain: ``clique_bounds`` prompts whose
+    largest clique is a lower bound, ``uncertified_nearest`` flagged candidates whose nearest training
+    image is not certainly the nearest, ``uncertain_verdicts`` those among them counted not extracted
+    whose true nearest could still lie within delta."""
     run_id = _require_run(ws, run_id)
+    delta = run_params(ws, run_id).delta
     with ws.connect() as con:
-        r = con.execute("SELECT COUNT(*) AS prompts, SUM(flagged) AS flagged FROM prompt_results WHERE run_id = ?", (run_id,)).fetchone()
-        c = con.execute("SELECT COUNT(*) AS candidates, SUM(extracted) AS extracted, COUNT(DISTINCT CASE WHEN extracted = 1 THEN nearest_training_id END) AS images "
-                        "FROM candidates WHERE run_id = ?", (run_id,)).fetchone()
+        r = con.execute("SELECT COUNT(*) AS prompts, SUM(flagged) AS flagged, SUM(1 - clique_exact) AS bounds "
+                        "FROM prompt_results WHERE run_id = ?", (run_id,)).fetchone()
+        c = con.execute("SELECT COUNT(*) AS candidates, SUM(extracted) AS extracted, COUNT(DISTINCT CASE WHEN extracted = 1 THEN nearest_training_id END) AS images, "
+                        "SUM(CASE WHEN flagged = 1 AND nearest_certified = 0 THEN 1 ELSE 0 END) AS uncertified, "
+                        "SUM(CASE WHEN flagged = 1 AND extracted = 0 AND nearest_certified = 0 AND nearest_lower <= ? THEN 1 ELSE 0 END) AS uncertain "
+                        "FROM candidates WHERE run_id = ?", (delta, run_id)).fetchone()
     return {"run_id": run_id, "prompts": r["prompts"], "flagged_prompts": r["flagged"] or 0, "candidates": c["candidates"],
-            "extracted_candidates": c["extracted"] or 0, "extracted_training_images": c["images"] or 0}
-
+            "extracted_candidates": c["extracted"] or 0, "extracted_training_images": c["images"] or 0,
+            "clique_bounds": r["bounds"] or 0, "uncertified_nearest": c["uncertified"] or 0,
+            "uncertain_verdicts": c["uncertain"] or 0}
