@@ -112,8 +112,8 @@ def cmd_import(args: argparse.Namespace) -> None:
     _emit(args, "\n".join(lines), {"imported": report.imported, "skipped": skipped})
 
 
-AUDIT_SETTINGS = ("edge_threshold", "min_clique", "group_min_size", "max_groups", "grid", "grid_choices", "delta", "neighbours", "embedder",
-                  "relative_alpha", "relative_n", "working_size")
+AUDIT_SETTINGS = ("edge_threshold", "min_clique", "group_min_size", "max_groups", "grid", "grid_choices", "delta", "neighbours",
+                  "nearest_budget", "embedder", "relative_alpha", "relative_n", "working_size")
 
 
 def cmd_audit(args: argparse.Namespace) -> None:

@@ -197,7 +197,7 @@ def certified_nearest(queries: np.ndarray, pyramid: TrainingPyramid, k: int, *, 
     n = len(pyramid.ids)
     k = max(1, min(k, n))
     m = max(k, min(show, n))
-    budget = max(int(budget), k)
+    budget = max(int(budget), m)  # the shown neighbours are always measured
     if q_n == 0 or n == 0:
         z = np.zeros((q_n, 0))
         return Nearest(z.astype(np.int64), z.astype(np.float32), np.ones(q_n, bool), np.zeros(q_n, np.float32),
@@ -228,7 +228,7 @@ def certified_nearest(queries: np.ndarray, pyramid: TrainingPyramid, k: int, *, 
 
     # 1. coarse bounds for the whole training set, a block of queries at a time; the first few
     #    images by coarse bound are measured at once, so that the bound has something to beat
-    first = min(n, max(m, FIRST_CHUNK))
+    first = min(n, max(m, min(FIRST_CHUNK, budget)))
     block = max(1, QUERY_BLOCK_BYTES // (4 * n))
     for start in range(0, q_n, block):
         qs = np.arange(start, min(q_n, start + block))
