@@ -18,7 +18,7 @@ The bound holds only when both sides are pooled from the very arrays the exact d
 reads: training images are pooled here from their working-size arrays
 (``core.images.load_working``), as the queries are.
 
-Search. Bounds at a coarse size (4 x 4) for the whole training set, then at a fine size
+Search. Bounds at a coarse size (8 x 8) for the whole training set, then at a fine size
 (16 x 16) for the images the coarse bound cannot rule out, then exact distances in order of
 the fine bound, a chunk at a time; the search stops when the k-th smallest exact distance is
 at most every bound not yet measured (no unmeasured image can then be nearer). Bounds are
@@ -41,18 +41,19 @@ import math
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from . import tempfiles
 from .store import Workspace
 
-COARSE = 4  # side of the coarse pooled images (whole training set)
+COARSE = 8  # side of the coarse pooled images (whole training set; 4 x 4 let 30x more look-alikes through)
 FINE = 16  # side of the fine pooled images (survivors of the coarse bound)
 CACHE_BYTES = 2 << 30  # working-size training pixels kept decoded
 QUERY_BLOCK_BYTES = 256 << 20  # float32 bytes of one block of coarse bounds (queries x training)
 FIRST_CHUNK = 8  # exact distances per generation in the first refine round (doubling after)
+STAGE = 256  # images in a query's first stage of coarse bounds (each later stage four times as many)
 _U = 2.0 ** -24
 
 
@@ -104,15 +105,37 @@ def _bound_sq(q: np.ndarray, t: np.ndarray, qn: np.ndarray, tn: np.ndarray) -> n
 class TrainingPyramid:
     """Pooled working-size vectors of every training image, and their pixels on demand."""
 
-    def __init__(self, ws: Workspace, size: int, paths: dict[int, str], ids: np.ndarray, coarse: np.ndarray,
-                 fine: np.ndarray):
-        self.ws, self.size, self.paths = ws, size, paths
+    def __init__(self, size: int, ids: np.ndarray, coarse: np.ndarray, fine: np.ndarray,
+                 loader: Callable[[list[int]], np.ndarray]):
+        """``loader(ids)``: the working-size arrays (len(ids), size, size, 3) float32 of those training ids."""
+        self.size, self.loader = size, loader
         self.ids = ids
         self.coarse, self.fine = coarse, fine
         self.coarse_norm = np.linalg.norm(coarse, axis=1).astype(np.float32)
         self.fine_norm = np.linalg.norm(fine, axis=1).astype(np.float32)
         self._pixels: OrderedDict[int, np.ndarray] = OrderedDict()
         self._keep = max(16, CACHE_BYTES // (size * size * 3 * 4))
+
+    @classmethod
+    def from_loader(cls, size: int, ids: np.ndarray, loader: Callable[[list[int]], np.ndarray],
+                    block: int = 256) -> "TrainingPyramid":
+        """A pyramid of training images given by ``loader`` (no cache file): for data outside a workspace."""
+        ids = np.asarray(ids, dtype=np.int64)
+        dims = (3 * min(COARSE, size) ** 2, 3 * min(FINE, size) ** 2)
+        self = cls(size, ids, np.zeros((len(ids), dims[0]), np.float32), np.zeros((len(ids), dims[1]), np.float32), loader)
+        self._pool_rows(np.arange(len(ids)), block)
+        return self
+
+    def _pool_rows(self, rows: np.ndarray, block: int, progress=None) -> None:
+        for start in range(0, len(rows), block):
+            r = rows[start:start + block]
+            pixels = self.pixels(self.ids[r], keep=False)
+            self.coarse[r] = pool(pixels, COARSE)
+            self.fine[r] = pool(pixels, FINE)
+            if progress:
+                progress("pool training", start + len(r), len(rows))
+        self.coarse_norm = np.linalg.norm(self.coarse, axis=1).astype(np.float32)
+        self.fine_norm = np.linalg.norm(self.fine, axis=1).astype(np.float32)
 
     @classmethod
     def load(cls, ws: Workspace, size: int, paths: dict[int, str], progress=None) -> "TrainingPyramid":
@@ -135,19 +158,23 @@ class TrainingPyramid:
                     coarse[have], fine[have] = old_c[pos[have]], old_f[pos[have]]
             except (OSError, ValueError, KeyError):
                 have[:] = False  # an unreadable cache is rebuilt
-        self = cls(ws, size, paths, ids, coarse, fine)
+        from .images import load_working
+
+        def loader(want: list[int]) -> np.ndarray:
+            out = np.empty((len(want), size, size, 3), np.float32)
+
+            def one(k: int) -> None:
+                out[k] = load_working(ws.resolve(paths[want[k]]), size)
+
+            with ThreadPoolExecutor(max_workers=4) as threads:
+                list(threads.map(one, range(len(want))))
+            return out
+
+        self = cls(size, ids, coarse, fine, loader)
         missing = np.flatnonzero(~have)
-        block = 64
-        for start in range(0, len(missing), block):
-            rows = missing[start:start + block]
-            pixels = self.pixels(ids[rows], keep=False)
-            coarse[rows] = pool(pixels, COARSE)
-            fine[rows] = pool(pixels, FINE)
-            if progress:
-                progress("pool training", start + len(rows), len(missing))
-        if len(missing) or (cache.is_file() and len(ids) != int(have.sum())) or not cache.is_file():
-            self.coarse_norm = np.linalg.norm(coarse, axis=1).astype(np.float32)
-            self.fine_norm = np.linalg.norm(fine, axis=1).astype(np.float32)
+        if len(missing):
+            self._pool_rows(missing, 64, progress)
+        if len(missing) or not cache.is_file():
             cache.parent.mkdir(parents=True, exist_ok=True)
             tempfiles.remove_stale(cache.parent)
             with tempfiles.atomic_path(cache, ".npz") as tmp:
@@ -157,8 +184,6 @@ class TrainingPyramid:
 
     def pixels(self, ids: np.ndarray, keep: bool = True) -> np.ndarray:
         """Working-size arrays (len(ids), S, S, 3) float32 of training images by id."""
-        from .images import load_working
-
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
         out = np.empty((len(ids), self.size, self.size, 3), np.float32)
         todo = []
@@ -169,13 +194,8 @@ class TrainingPyramid:
             else:
                 self._pixels.move_to_end(i)
                 out[k] = a
-
-        def one(k: int) -> None:
-            out[k] = load_working(self.ws.resolve(self.paths[ids[k]]), self.size)
-
         if todo:
-            with ThreadPoolExecutor(max_workers=4) as pool_:
-                list(pool_.map(one, todo))
+            out[todo] = self.loader([ids[k] for k in todo])
             if keep:
                 for k in todo:
                     self._pixels[ids[k]] = out[k]
@@ -190,9 +210,14 @@ def certified_nearest(queries: np.ndarray, pyramid: TrainingPyramid, k: int, *, 
     ``show`` nearest of the images measured (at least k), by exact normalised L2 at the working size.
 
     ``queries``: (Q, S, S, 3) float32 working-size arrays (S = the pyramid's size).
-    """
-    from .distances import paired_distances_grids
 
+    Per query the training set is taken in stages of growing coarse bound (the STAGE images of
+    smallest coarse bound, then four times as many, ...): a stage's images get their fine bound
+    (the larger of the two bounds is kept), and are measured exactly in order of bound, a chunk
+    at a time, while their bound is below both the k-th exact distance found and the stage's edge
+    (every image of a later stage has a coarse bound beyond it). The query is done when the k-th
+    exact distance is at most the stage's edge and every bound measured so far.
+    """
     q_n = len(queries)
     n = len(pyramid.ids)
     k = max(1, min(k, n))
@@ -205,97 +230,109 @@ def certified_nearest(queries: np.ndarray, pyramid: TrainingPyramid, k: int, *, 
     qc = pool(queries, COARSE).astype(np.float32)
     qf = pool(queries, FINE).astype(np.float32)
     qcn, qfn = np.linalg.norm(qc, axis=1), np.linalg.norm(qf, axis=1)
-
-    # per query: candidate rows (into pyramid.ids) with their fine bounds, ascending
-    cand_rows: list[np.ndarray] = [np.zeros(0, np.int64)] * q_n
-    cand_lb: list[np.ndarray] = [np.zeros(0, np.float32)] * q_n
     measured: list[dict[int, float]] = [dict() for _ in range(q_n)]
-    ub = np.full(q_n, np.inf)  # the k-th smallest exact distance so far
+    lower = np.zeros(q_n, np.float32)
+    certified = np.zeros(q_n, bool)
+    block = max(1, QUERY_BLOCK_BYTES // (4 * n))
+    for start in range(0, q_n, block):
+        qs = np.arange(start, min(q_n, start + block))
+        coarse = np.sqrt(_bound_sq(qc[qs], pyramid.coarse, qcn[qs], pyramid.coarse_norm))
+        _search_block(queries, qs, coarse, qf, qfn, pyramid, k, m, budget, measured, lower, certified)
 
-    def measure(pairs: list[tuple[int, np.ndarray]]) -> None:
-        """Exact distances of (query, training rows) pairs, all queries at once."""
-        qi = np.concatenate([np.full(len(r), q, np.int64) for q, r in pairs])
-        rows = np.concatenate([r for _, r in pairs])
+    ids = np.zeros((q_n, m), np.int64)
+    l2 = np.full((q_n, m), np.inf, np.float32)
+    count = np.zeros(q_n, np.int32)
+    for q in range(q_n):
+        items = sorted(measured[q].items(), key=lambda kv: (kv[1], int(pyramid.ids[kv[0]])))[:m]
+        for j, (r, d) in enumerate(items):
+            ids[q, j], l2[q, j] = pyramid.ids[r], d
+        count[q] = len(measured[q])
+    rows = np.searchsorted(pyramid.ids, ids)
+    diff = qf[:, None, :].astype(np.float64) - pyramid.fine[rows].astype(np.float64)
+    pooled = np.sqrt((diff ** 2).sum(axis=2)).astype(np.float32)
+    return Nearest(ids, l2, certified, lower, count, pooled)
+
+
+def _search_block(queries: np.ndarray, qs: np.ndarray, coarse: np.ndarray, qf: np.ndarray, qfn: np.ndarray,
+                  pyramid: TrainingPyramid, k: int, m: int, budget: int, measured: list[dict[int, float]],
+                  lower: np.ndarray, certified: np.ndarray) -> None:
+    """The staged search of ``certified_nearest`` for the queries ``qs``, whose coarse bounds are ``coarse``."""
+    from .distances import paired_distances_grids
+
+    n = coarse.shape[1]
+    ub = np.full(len(qs), np.inf)  # the k-th smallest exact distance so far
+    edge = np.full(len(qs), -np.inf)  # every image with coarse bound <= edge has entered the candidates
+    staged = np.zeros(len(qs), np.int64)  # images entered so far (by coarse order)
+    cand_rows: list[np.ndarray] = [np.zeros(0, np.int64) for _ in qs]  # entered, not measured, by bound
+    cand_lb: list[np.ndarray] = [np.zeros(0, np.float32) for _ in qs]
+    chunk = np.full(len(qs), FIRST_CHUNK)
+    done = np.zeros(len(qs), bool)
+
+    def enter(i: int) -> None:
+        """The next stage of query i: the images of the next larger coarse bounds."""
+        want = n if staged[i] * 4 >= n else max(STAGE, int(staged[i]) * 4)
+        row = coarse[i]
+        if want >= n:
+            new = np.flatnonzero(row > edge[i]) if staged[i] else np.arange(n)
+            edge[i] = np.inf
+        else:
+            t = float(np.partition(row, want - 1)[want - 1])
+            new = np.flatnonzero((row > edge[i]) & (row <= t))
+            edge[i] = t
+        staged[i] += len(new)
+        q = int(qs[i])
+        fine = np.sqrt(_bound_sq(qf[q:q + 1], pyramid.fine[new], qfn[q:q + 1], pyramid.fine_norm[new])[0])
+        bound = np.maximum(fine, row[new])  # both are lower bounds: the larger is the better one
+        rows = np.concatenate([cand_rows[i], new])
+        lbs = np.concatenate([cand_lb[i], bound.astype(np.float32)])
+        order = np.argsort(lbs, kind="stable")
+        cand_rows[i], cand_lb[i] = rows[order], lbs[order]
+
+    while not done.all():
+        pairs = []
+        for i in np.flatnonzero(~done):
+            q = int(qs[i])
+            while True:
+                lbs = cand_lb[i]
+                short = len(measured[q]) < m  # the shown neighbours are measured whatever their bound
+                if len(lbs) and (short or lbs[0] < min(ub[i], edge[i])):
+                    break  # something to measure in this stage
+                if (ub[i] <= edge[i] and not short) or staged[i] >= n:
+                    done[i] = True  # no image left can be nearer than the k-th found
+                    break
+                enter(i)
+            if done[i]:
+                continue
+            room = budget - len(measured[q])
+            if room <= 0:
+                done[i] = True  # out of budget: not certified
+                continue
+            take = min(int(chunk[i]), room)
+            cut = max(1, int(np.searchsorted(cand_lb[i][:take], min(ub[i], edge[i]), side="left")),
+                      min(take, m - len(measured[q])))
+            pairs.append((i, q, cand_rows[i][:cut]))
+            cand_rows[i], cand_lb[i] = cand_rows[i][cut:], cand_lb[i][cut:]
+            chunk[i] = min(int(chunk[i]) * 2, 1024)
+        if not pairs:
+            break
+        qi = np.concatenate([np.full(len(r), q, np.int64) for _, q, r in pairs])
+        rows = np.concatenate([r for _, _, r in pairs])
         uniq, inv = np.unique(rows, return_inverse=True)
         train = pyramid.pixels(pyramid.ids[uniq])
         l2, _ = paired_distances_grids(queries, train, (1,), ia=qi, ib=inv.reshape(-1))
         l2 = l2.cpu().numpy().astype(np.float64)
-        for q_, r_, d_ in zip(qi.tolist(), rows.tolist(), l2.tolist()):
-            measured[q_][r_] = d_
-        for q_ in set(qi.tolist()):
-            ds = sorted(measured[q_].values())
-            ub[q_] = ds[k - 1] if len(ds) >= k else np.inf
-
-    # 1. coarse bounds for the whole training set, a block of queries at a time; the first few
-    #    images by coarse bound are measured at once, so that the bound has something to beat
-    first = min(n, max(m, min(FIRST_CHUNK, budget)))
-    block = max(1, QUERY_BLOCK_BYTES // (4 * n))
-    for start in range(0, q_n, block):
-        qs = np.arange(start, min(q_n, start + block))
-        lb = np.sqrt(_bound_sq(qc[qs], pyramid.coarse, qcn[qs], pyramid.coarse_norm))
-        top = np.argpartition(lb, first - 1, axis=1)[:, :first] if first < n else np.tile(np.arange(n), (len(qs), 1))
-        measure([(int(q), top[i].astype(np.int64)) for i, q in enumerate(qs)])
-        for i, q in enumerate(qs):
-            q = int(q)
-            rows = np.flatnonzero(lb[i] < ub[q])
-            rows = rows[~np.isin(rows, list(measured[q]))]
-            if len(rows):
-                # 2. fine bounds for the coarse survivors
-                f2 = _bound_sq(qf[q:q + 1], pyramid.fine[rows], qfn[q:q + 1], pyramid.fine_norm[rows])[0]
-                flb = np.sqrt(f2)
-                keep = flb < ub[q]
-                rows, flb = rows[keep], flb[keep]
-                order = np.argsort(flb, kind="stable")
-                cand_rows[q], cand_lb[q] = rows[order], flb[order].astype(np.float32)
-
-    # 3. refine: exact distances in fine-bound order, a doubling chunk per round, until no unmeasured
-    #    candidate's bound is below the k-th exact distance, or the budget is spent
-    pos = np.zeros(q_n, np.int64)
-    chunk = FIRST_CHUNK
-    while True:
-        pairs = []
-        for q in range(q_n):
-            rows, lbs, p = cand_rows[q], cand_lb[q], int(pos[q])
-            if p >= len(rows) or lbs[p] >= ub[q]:
-                continue
-            room = budget - len(measured[q])
-            if room <= 0:
-                continue
-            take = min(chunk, room)
-            end = p + take
-            # within a chunk, stop at the first bound that the current k-th distance already beats
-            cut = int(np.searchsorted(lbs[p:end], ub[q], side="left"))
-            end = p + max(cut, 1)
-            pairs.append((q, rows[p:end]))
-            pos[q] = end
-        if not pairs:
-            break
-        measure(pairs)
-        chunk = min(chunk * 2, 1024)
-
-    ids = np.zeros((q_n, m), np.int64)
-    l2 = np.full((q_n, m), np.inf, np.float32)
-    certified = np.zeros(q_n, bool)
-    lower = np.zeros(q_n, np.float32)
-    count = np.zeros(q_n, np.int32)
-    got = 0
-    for q in range(q_n):
-        items = sorted(measured[q].items(), key=lambda kv: (kv[1], int(pyramid.ids[kv[0]])))[:m]
-        got = max(got, len(items))
-        for j, (r, d) in enumerate(items):
-            ids[q, j], l2[q, j] = pyramid.ids[r], d
-        count[q] = len(measured[q])
-        rows, lbs, p = cand_rows[q], cand_lb[q], int(pos[q])
-        pending = lbs[p:][~np.isin(rows[p:], list(measured[q]))] if p < len(rows) else lbs[:0]
-        next_bound = float(pending.min()) if len(pending) else np.inf
-        certified[q] = next_bound >= ub[q]
-        lower[q] = min(float(ub[q]), next_bound)
-    pooled = np.zeros_like(l2)
-    if m:
-        rows = np.searchsorted(pyramid.ids, ids)
-        diff = qf[:, None, :].astype(np.float64) - pyramid.fine[rows].astype(np.float64)
-        pooled = np.sqrt((diff ** 2).sum(axis=2)).astype(np.float32)
-    return Nearest(ids, l2, certified, lower, count, pooled)
+        at = 0
+        for i, q, r in pairs:
+            for row, d in zip(r.tolist(), l2[at:at + len(r)].tolist()):
+                measured[q][row] = d
+            at += len(r)
+            if len(measured[q]) >= k:
+                ub[i] = np.partition(np.fromiter(measured[q].values(), float), k - 1)[k - 1]
+    for i, q in enumerate(qs.tolist()):
+        pending = float(cand_lb[i][0]) if len(cand_lb[i]) else np.inf
+        unseen = edge[i] if staged[i] < n else np.inf  # the next stage's images have coarse bounds beyond the edge
+        certified[q] = min(pending, unseen) >= ub[i]
+        lower[q] = min(float(ub[i]), pending, unseen)
 
 
 def measured_fraction(result: Nearest, training: int) -> float:

@@ -89,6 +89,20 @@ def test_k_nearest_are_certified_too(templated):
     assert np.allclose(near.lower, near.l2[:, 29])
 
 
+def test_shown_neighbours_are_measured_when_the_nearest_is_settled_early():
+    """On images without look-alikes the bound settles the nearest after a few exact distances; the
+    ``show`` neighbours are measured all the same, exactly and in order."""
+    from benchmarks.bench_nearest import SIZE, build
+
+    train, queries, truth = build("natural", 3000, 12)
+    pyramid = TrainingPyramid.from_loader(SIZE, np.arange(100, 3100), lambda ids: train[np.asarray(ids) - 100] / 255.0)
+    near = certified_nearest(queries, pyramid, 1, show=10)
+    assert near.certified.all() and np.isfinite(near.l2).all()
+    assert (near.ids[:, 0] == truth + 100).all()
+    assert (np.diff(near.l2, axis=1) >= 0).all() and (near.exact_count >= 10).all()
+    assert near.exact_count.max() < 60  # the bound did the work: far fewer than 3,000 distances each
+
+
 def test_a_search_stopped_by_its_budget_says_so_with_a_true_lower_bound(templated):
     ws, _ = templated
     rows, ids, train, gens, queries = _arrays(ws)
