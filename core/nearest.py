@@ -92,6 +92,19 @@ def pool(images: np.ndarray, side: int, chunk: int = 16) -> np.ndarray:
     return out.reshape(n, dim) / math.sqrt(dim)
 
 
+def pool_levels(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(coarse, fine) pooled vectors of ``pool``; the coarse level comes from the fine one when the sizes
+    nest (a block mean of equal block means is the block mean), so the images are read once."""
+    s = images.shape[1]
+    fine = pool(images, FINE)
+    side_f, side_c = min(FINE, s), min(COARSE, s)
+    if s % side_f == 0 and side_f % side_c == 0:
+        c = images.shape[3]
+        grid = fine.reshape(len(fine), side_f, side_f, c) * math.sqrt(side_f * side_f * c)
+        return pool(grid, side_c), fine
+    return pool(images, COARSE), fine
+
+
 def _bound_sq(q: np.ndarray, t: np.ndarray, qn: np.ndarray, tn: np.ndarray) -> np.ndarray:
     """Squared distances of every (query, training) pair from one float32 product, lowered by the
     product's worst-case rounding error, so never above the true value: (Q, T) float32 >= 0."""
@@ -129,9 +142,7 @@ class TrainingPyramid:
     def _pool_rows(self, rows: np.ndarray, block: int, progress=None) -> None:
         for start in range(0, len(rows), block):
             r = rows[start:start + block]
-            pixels = self.pixels(self.ids[r], keep=False)
-            self.coarse[r] = pool(pixels, COARSE)
-            self.fine[r] = pool(pixels, FINE)
+            self.coarse[r], self.fine[r] = pool_levels(self.pixels(self.ids[r], keep=False))
             if progress:
                 progress("pool training", start + len(r), len(rows))
         self.coarse_norm = np.linalg.norm(self.coarse, axis=1).astype(np.float32)
@@ -151,10 +162,12 @@ class TrainingPyramid:
             try:
                 with np.load(cache) as z:
                     old_ids, old_c, old_f = z["ids"], z["coarse"], z["fine"]
-                if old_c.shape[1:] == (dims[0],) and old_f.shape[1:] == (dims[1],):
+                if old_c.shape[1:] == (dims[0],) and old_f.shape[1:] == (dims[1],) and len(old_ids) == len(old_c) == len(old_f):
                     pos = np.searchsorted(old_ids, ids)
                     pos = np.minimum(pos, max(len(old_ids) - 1, 0))
                     have = (old_ids[pos] == ids) if len(old_ids) else have
+                    # a damaged row (NaN or inf would silently fail every bound test) is pooled again
+                    have &= np.isfinite(old_c[pos]).all(axis=1) & np.isfinite(old_f[pos]).all(axis=1) if len(old_ids) else have
                     coarse[have], fine[have] = old_c[pos[have]], old_f[pos[have]]
             except (OSError, ValueError, KeyError):
                 have[:] = False  # an unreadable cache is rebuilt
@@ -227,8 +240,7 @@ def certified_nearest(queries: np.ndarray, pyramid: TrainingPyramid, k: int, *, 
         z = np.zeros((q_n, 0))
         return Nearest(z.astype(np.int64), z.astype(np.float32), np.ones(q_n, bool), np.zeros(q_n, np.float32),
                        np.zeros(q_n, np.int32), z.astype(np.float32))
-    qc = pool(queries, COARSE).astype(np.float32)
-    qf = pool(queries, FINE).astype(np.float32)
+    qc, qf = (v.astype(np.float32) for v in pool_levels(queries))
     qcn, qfn = np.linalg.norm(qc, axis=1), np.linalg.norm(qf, axis=1)
     measured: list[dict[int, float]] = [dict() for _ in range(q_n)]
     lower = np.zeros(q_n, np.float32)
