@@ -137,6 +137,21 @@ def curve_workers(setting: int, tasks: int, generations: int) -> int:
     return max(0, min(n, tasks // CURVE_TASKS_PER_WORKER))
 
 
+def audit_device(setting: str) -> str:
+    """The ``audit_device`` setting -> the torch device the audit's distances run on ('cpu' or 'cuda')."""
+    import torch
+
+    name = str(setting).strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("audit_device is 'cuda' but no CUDA GPU is usable here; "
+                         "set it to cpu or auto (`memaudit settings WS audit_device auto`)")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"audit_device must be cpu, cuda or auto, got {setting!r}")
+    return name
+
+
 def _working_size(ws: Workspace, requested: int) -> int:
     if requested:
         return requested
@@ -250,6 +265,7 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
 
     settings = ws.settings()
     budget = int(settings["clique_node_budget"])
+    device = audit_device(settings["audit_device"])
     embedder = get_embedder(params.embedder, settings)
     index = TrainingIndex.open(ws, params.embedder, embedder=embedder)
     pixels = _TrainingPixels(ws, size, training)
@@ -290,7 +306,7 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
             # nearest training images of every generation: retrieval, then exact distances
             ids, sim = _retrieve(embedder, index, images, k_unconditional if gens[0].prompt is None else k_text)
             clock = _lap(timings, "retrieve", clock)
-            l2, tiled_by_grid = _exact_to_training(images, ids, pixels, grids)
+            l2, tiled_by_grid = _exact_to_training(images, ids, pixels, grids, device)
             order = np.argsort(l2, axis=1, kind="stable")
             ids, sim, l2 = (np.take_along_axis(v, order, 1) for v in (ids, sim, l2))
             tiled_by_grid = {g: np.take_along_axis(v, order, 1) for g, v in tiled_by_grid.items()}
@@ -306,7 +322,7 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
             if gens[0].prompt is None:
                 groups = []  # unconditional: judged per generation by relative L2 below
             else:
-                by_grid = {g: d.cpu().numpy().astype(np.float32) for g, d in pairwise_tiled_l2_grids(images, grids=grids).items()}
+                by_grid = {g: d.cpu().numpy().astype(np.float32) for g, d in pairwise_tiled_l2_grids(images, grids=grids, device=device).items()}
                 clock = _lap(timings, "distances", clock)
                 for g, d in by_grid.items():
                     np.fill_diagonal(d, 0.0)
@@ -424,7 +440,7 @@ def _retrieve(embedder, index, images: np.ndarray, k: int) -> tuple[np.ndarray, 
 
 
 def _exact_to_training(images: np.ndarray, ids: np.ndarray, pixels: _TrainingPixels,
-                       grids: list[int]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+                       grids: list[int], device: str = "cpu") -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Exact normalised L2 and tiled L2 (at every grid) between each generation and each of its retrieved training images.
 
     Each distinct training image is decoded once and the pairs are indexed, so neither side is
@@ -435,9 +451,10 @@ def _exact_to_training(images: np.ndarray, ids: np.ndarray, pixels: _TrainingPix
     n, k = ids.shape
     unique, inverse = np.unique(ids, return_inverse=True)
     train = pixels.get(unique)
-    l2, tiled = paired_distances_grids(images, train, grids, ia=np.repeat(np.arange(n), k), ib=inverse.reshape(-1))
-    return (np.asarray(l2, dtype=np.float32).reshape(n, k),
-            {g: np.asarray(t, dtype=np.float32).reshape(n, k) for g, t in tiled.items()})
+    l2, tiled = paired_distances_grids(images, train, grids, ia=np.repeat(np.arange(n), k), ib=inverse.reshape(-1),
+                                       device=device)
+    return (l2.cpu().numpy().astype(np.float32).reshape(n, k),
+            {g: t.cpu().numpy().astype(np.float32).reshape(n, k) for g, t in tiled.items()})
 
 
 def tau_curve(dist: np.ndarray, budget: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
