@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from core import audit, labels
 from core.errors import InputError, MemauditError
@@ -257,8 +258,6 @@ def _runs_agree(ws, a: int, b: int, atol: float) -> None:
 
 
 def test_audit_device_setting_picks_the_device_and_refuses_a_missing_gpu_before_any_work(planted):
-    import torch
-
     ws, run_id = planted
     cuda = torch.cuda.is_available()
     assert audit.audit_device("cpu") == "cpu"
@@ -278,12 +277,9 @@ def test_audit_device_setting_picks_the_device_and_refuses_a_missing_gpu_before_
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_audit_on_cuda_agrees_with_the_cpu(planted):
     """Distances on the GPU (pairwise and to training images): the CPU run's verdicts, 1e-4 of its distances."""
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     ws, run_id = planted
     ws.set_setting("audit_device", "cuda")
     try:
