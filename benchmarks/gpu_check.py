@@ -1,52 +1,52 @@
 """GPU readiness: one command that verifies and measures every GPU path of memaudit.
 
-    python -m benchmarks.gpu_check [--out FILE] [--dry-run]        (or: make gpu-check)
+    python -m benchmarks.gpu_check [--out FILE] [--dry-run] [--skip STEP ...]     (or: make gpu-check)
 
 On a machine with a CUDA GPU it runs, in order, each step under its own time budget
-(``FULL.budgets``; they add up to 7.5 minutes on one GPU, model building included):
+(``FULL.budgets``; the check stops starting steps after 7.5 minutes, model building included):
 
 correctness
   environment       GPU name, driver, memory, torch / CUDA / diffusers versions, the GPU's
                     published peak (``PEAK_TFLOPS``) and a measured bf16 matrix-product rate
-  gpu_tests         ``pytest -m gpu``: the tests marked gpu (CUDA distances against the CPU's
-                    within 1e-4, exact zeros for identical images, the audit on CUDA, fp16
-                    generation and regeneration)
   build_model       a text-to-image pipeline with Stable Diffusion 1.5's architecture and random
                     weights (tests/tiny_models.py ``build_sd15``: UNet 860M, VAE 84M, CLIP text
-                    encoder 123M parameters), saved in fp16 to a folder, as a user's model is
-  generate          ``memaudit generate`` on it (a real CLI process, fp16 on CUDA, 512 x 512,
-                    50 steps): every image finite (memaudit refuses NaN) and not black
-  regenerate        a batched row regenerated alone, within one 8-bit level of its stored pixels
-                    (the documented bound); a batch-1 row exactly
-  kill_generate     ``memaudit generate`` killed with SIGKILL after some rows: the workspace is
-                    consistent (tests/reliability.py ``assert_consistent``, ``memaudit verify``),
-                    and the rerun finishes with exact counts
+                    encoder 123M parameters), saved in fp16 to a folder as a user's model is
+  generate          ``memaudit generate`` on that folder (a real CLI process: fp16 on CUDA,
+                    512 x 512, 50 steps, batch 2) killed with SIGKILL after a few rows: the
+                    workspace is consistent (tests/reliability.py ``assert_consistent``, which runs
+                    ``memaudit verify``); the rerun finishes with exact counts; every image is
+                    finite (memaudit refuses NaN), not black, fp16, 512 x 512
+  regenerate        a batched row regenerated alone is within one 8-bit level of its stored
+                    pixels (the documented bound), a batch-1 row exactly equal
+  gpu_tests         ``pytest -m gpu`` (started in the background after "environment"): CUDA
+                    distances against the CPU's within 1e-4 and exactly 0 for identical images,
+                    the audit on CUDA, fp16 generation and regeneration on CUDA
 throughput (512 x 512, 50 steps, guidance 7.5)
-  throughput_baseline  images/s at batch 16, fp16, interleaved rounds: a plain diffusers call
-                    (one generator) and with per-image CPU generators, ``core.generate.sample``
-                    and ``core.generate.generate`` (storing included, loading excluded); ratios
-                    to the plain call
+  throughput_baseline  images/s at batch 16 in memaudit's fp16, interleaved rounds: a plain
+                    diffusers call (one generator), the same with per-image CPU generators,
+                    ``core.generate.sample`` and ``core.generate.generate`` (storing included,
+                    loading excluded); ratios to the plain call
   unet_sweep        UNet FLOPs per forward (``torch.utils.flop_counter``), then one UNet forward
                     timed per configuration: fp16 / bf16, SDPA / the math kernel, channels-last,
-                    and the batch size sweep; achieved TFLOP/s and fraction of peak
+                    and a batch size sweep; achieved TFLOP/s and fraction of peak
   audit             one prompt of 500 generations at 512 x 512 through ``core.audit.run_audit``
                     with ``audit_device`` cpu, then cuda: seconds, the ratio, prompts per minute,
-                    and the two runs' distances and verdicts compared
-  unet_compile      ``torch.compile`` of the UNet at the best batch: compile seconds and speed-up
-  throughput_best   ``core.generate.sample`` with the best configuration found (dtype, attention,
-                    memory format, compiled UNet if it paid, batch): images/s, it/s and the
-                    fraction of the GPU's peak that the UNet's FLOPs imply
+                    the two runs' distances and verdicts compared
+  unet_compile      ``torch.compile`` of the UNet at the best batch: compile seconds, speed-up
+  throughput_best   ``core.generate.sample`` with the best configuration found (dtype, memory
+                    format, compiled UNet when it paid, batch): images/s, it/s and the fraction
+                    of the GPU's peak that the UNet's FLOPs imply
 
 Every step records what it measured as it goes; a step that overruns its budget is stopped
-(SIGALRM; subprocesses are killed), reported as "timeout" with what it had, and the next one
-starts. The JSON report (``--out``, default benchmarks/out/gpu_check.json) is rewritten after
-every step, so a run killed from outside still leaves the steps it finished. One table is
-printed at the end. Exit status: 0 when every step passed, 1 otherwise, 2 when there is no
-CUDA GPU and no ``--dry-run``.
+(SIGALRM; its subprocesses are killed), reported as "timeout" with what it had, and the next
+one starts. The JSON report (``--out``, default benchmarks/out/gpu_check.json) is rewritten
+after every step, so a run killed from outside still leaves the steps it finished. One table
+is printed at the end. Exit status: 0 when every step passed (or was left out with
+``--skip``), 1 otherwise, 2 when there is no CUDA GPU and no ``--dry-run``.
 
 ``--dry-run`` runs the same steps on the CPU at tiny sizes (``DRY``: the SD 1.5 blocks at
-64 x 64 with small widths, 4 steps, 40 audit generations of 64 x 64; torch.compile with the
-eager backend) so that CI keeps the script working; its figures mean nothing.
+64 x 64 with small widths, 4 steps, an audit of 40 generations of 64 x 64, torch.compile with
+the eager backend) so that the tests keep the script working; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ FULL = Sizes(
     tiny=False, correctness_steps=50, per_prompt=6, batch_correctness=2, kill_after=4,
     steps=50, batch=16, rounds=2, sweep_batches=(1, 4, 8, 16, 32, 64), unet_iters=5, compile_backend="inductor",
     audit_generations=500, audit_size=512, total_s=450.0,
-    budgets={"environment": 10, "build_model": 40, "generate": 70, "regenerate": 30, "gpu_tests": 90,
-             "throughput_baseline": 55, "unet_sweep": 35, "audit": 55, "unet_compile": 60, "throughput_best": 35},
+    budgets={"environment": 10, "build_model": 40, "generate": 60, "regenerate": 30, "gpu_tests": 90,
+             "throughput_baseline": 50, "unet_sweep": 35, "audit": 55, "unet_compile": 100, "throughput_best": 35},
 )
 DRY = Sizes(
     tiny=True, correctness_steps=4, per_prompt=16, batch_correctness=2, kill_after=4,
@@ -606,14 +606,14 @@ def step_throughput_baseline(check: Check, rec: dict) -> None:
                       f"per-image generators cost {100 * gen_cost:+.1f}%")
 
 
-def _unet_inputs(loaded, n: int, dtype, channels_last: bool, device: str):
+def _unet_inputs(loaded, n: int, dtype, device: str):
+    """A UNet input as the pipeline makes it: contiguous latents, a 0-d int64 timestep, text embeddings
+    (so that a compiled UNet meets the same shapes, strides and dtypes here as in the pipeline)."""
     import torch
 
     unet = loaded.pipeline.unet
     h = w = int(unet.config.sample_size)
     x = torch.randn(n, int(unet.config.in_channels), h, w, device=device, dtype=dtype)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
     tokens = int(loaded.pipeline.tokenizer.model_max_length)
     ctx = torch.randn(n, tokens, int(unet.config.cross_attention_dim), device=device, dtype=dtype)
     return x, torch.tensor(999, device=device), ctx
@@ -632,18 +632,24 @@ def _configure(loaded, dtype_name: str, channels_last: bool) -> None:
     unet.to(dtype=getattr(torch, dtype_name), memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def _forward(unet, inputs) -> None:
+    """One UNet forward with the keywords StableDiffusionPipeline passes."""
+    x, t, ctx = inputs
+    unet(x, t, encoder_hidden_states=ctx, timestep_cond=None, cross_attention_kwargs=None, added_cond_kwargs=None,
+         return_dict=False)
+
+
 def time_unet(unet, inputs, attention: str, iters: int, device: str, warmup: int = 2) -> float:
     """Seconds of one UNet forward (mean of ``iters`` after ``warmup``)."""
     import torch
 
-    x, t, ctx = inputs
     with torch.inference_mode(), _attention(attention):
         for _ in range(warmup):
-            unet(x, t, encoder_hidden_states=ctx, return_dict=False)
+            _forward(unet, inputs)
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(iters):
-            unet(x, t, encoder_hidden_states=ctx, return_dict=False)
+            _forward(unet, inputs)
         _sync(device)
     return (time.perf_counter() - t0) / iters
 
@@ -654,9 +660,9 @@ def unet_flops(loaded, device: str) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     unet = loaded.pipeline.unet
-    inputs = _unet_inputs(loaded, 1, unet.dtype, False, device)
+    inputs = _unet_inputs(loaded, 1, unet.dtype, device)
     with torch.inference_mode(), _attention("math"), FlopCounterMode(display=False) as counter:
-        unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2], return_dict=False)
+        _forward(unet, inputs)
     return int(counter.get_total_flops())
 
 
@@ -675,7 +681,7 @@ def step_unet_sweep(check: Check, rec: dict) -> None:
     def measure(dtype: str, attention: str, channels_last: bool, batch: int) -> dict:
         _configure(loaded, dtype, channels_last)
         n = 2 * batch  # classifier-free guidance: the UNet sees every latent twice
-        sec = time_unet(unet, _unet_inputs(loaded, n, getattr(torch, dtype), channels_last, dev), attention, s.unet_iters, dev)
+        sec = time_unet(unet, _unet_inputs(loaded, n, getattr(torch, dtype), dev), attention, s.unet_iters, dev)
         tflops = flops * n / sec / 1e12
         row = {"dtype": dtype, "attention": attention, "channels_last": channels_last, "batch": batch, "unet_batch": n,
                "ms_per_forward": round(1000 * sec, 3), "unet_it_per_s": round(1 / sec, 2),
@@ -719,28 +725,56 @@ def step_unet_sweep(check: Check, rec: dict) -> None:
                       f"batch 1 {rec['unet_it_per_s_batch1']} it/s (UNet alone)")
 
 
+def _best(check: Check) -> dict:
+    """The configuration the sweep chose (memaudit's own when the sweep did not finish)."""
+    return check.state.get("best") or {"dtype": "float16" if check.device == "cuda" else "float32",
+                                       "channels_last": False, "batch": check.sizes.batch}
+
+
+def _use_best(loaded, best: dict) -> None:
+    """Put the whole pipeline in the chosen dtype, and the UNet and VAE in the chosen memory format."""
+    import torch
+
+    pipe = loaded.pipeline
+    pipe.to(getattr(torch, best["dtype"]))
+    memory = torch.channels_last if best["channels_last"] else torch.contiguous_format
+    pipe.unet.to(memory_format=memory)
+    pipe.vae.to(memory_format=memory)
+
+
 def step_unet_compile(check: Check, rec: dict) -> None:
+    """torch.compile the UNet, compiled through the pipeline's own call (so that the next step reuses the
+    graph), then one forward timed eager and compiled at the best batch."""
     import torch
 
     dev, s = check.device, check.sizes
-    best = check.state["best"]
+    best = _best(check)
     loaded = _loaded(check)
-    _configure(loaded, best["dtype"], best["channels_last"])
-    inputs = _unet_inputs(loaded, 2 * best["batch"], getattr(torch, best["dtype"]), best["channels_last"], dev)
-    eager = loaded.pipeline.unet
-    rec.update(backend=s.compile_backend, batch=best["batch"], dtype=best["dtype"], channels_last=best["channels_last"])
+    _use_best(loaded, best)
+    pipe = loaded.pipeline
+    eager = pipe.unet
+    b = best["batch"]
+    rec.update(backend=s.compile_backend, batch=b, dtype=best["dtype"], channels_last=best["channels_last"])
+    compiled = torch.compile(eager, backend=s.compile_backend)
+    pipe.unet = compiled
     try:
-        compiled = torch.compile(eager, backend=s.compile_backend)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            compiled(inputs[0], inputs[1], encoder_hidden_states=inputs[2], return_dict=False)
+        _call_sample(loaded, b, 2, 60_000)
         _sync(dev)
-        rec["compile_s"] = round(time.perf_counter() - t0, 2)
+        rec["first_call_s"] = round(time.perf_counter() - t0, 2)  # compiling, then 2 steps
+        t0 = time.perf_counter()
+        _call_sample(loaded, b, 2, 60_100)
+        _sync(dev)
+        rec["second_call_s"] = round(time.perf_counter() - t0, 2)  # 2 steps, no compiling
+        rec["compile_s"] = round(rec["first_call_s"] - rec["second_call_s"], 2)
+        inputs = _unet_inputs(loaded, 2 * b, getattr(torch, best["dtype"]), dev)
         eager_s = time_unet(eager, inputs, "sdpa", s.unet_iters, dev)
         compiled_s = time_unet(compiled, inputs, "sdpa", s.unet_iters, dev)
     except StepTimeout:
         torch._dynamo.reset()
         raise
+    finally:
+        pipe.unet = eager
     rec.update(eager_ms=round(1000 * eager_s, 3), compiled_ms=round(1000 * compiled_s, 3),
                speedup=round(eager_s / compiled_s, 3))
     pays = eager_s / compiled_s > 1.03
@@ -748,22 +782,16 @@ def step_unet_compile(check: Check, rec: dict) -> None:
     if pays:
         check.state["compiled_unet"] = compiled
     rec["checks"]["compiled_and_ran"] = True
-    rec["summary"] = (f"{s.compile_backend} at batch {best['batch']}: compile {rec['compile_s']} s, "
+    rec["summary"] = (f"{s.compile_backend} at batch {b}: compile {rec['compile_s']} s, "
                       f"{rec['speedup']}x eager ({'used' if pays else 'not used'})")
 
 
 def step_throughput_best(check: Check, rec: dict) -> None:
-    import torch
-
     dev, s = check.device, check.sizes
-    best = check.state.get("best") or {"dtype": "float16" if dev == "cuda" else "float32", "channels_last": False,
-                                       "batch": s.batch}
+    best = _best(check)
     loaded = _loaded(check)
+    _use_best(loaded, best)
     pipe = loaded.pipeline
-    pipe.to(getattr(torch, best["dtype"]))
-    if best["channels_last"]:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
     compiled = check.state.get("compiled_unet")
     eager = pipe.unet
     if compiled is not None:
@@ -772,7 +800,7 @@ def step_throughput_best(check: Check, rec: dict) -> None:
     rec.update(dtype=best["dtype"], attention="sdpa", channels_last=best["channels_last"], compiled=compiled is not None,
                batch=b, steps=s.steps)
     try:
-        _call_sample(loaded, b, 2, 50_000)  # warm-up at this batch (and any recompile for the pipeline's inputs)
+        _call_sample(loaded, b, 2, 50_000)  # warm-up at this batch
         t0 = time.perf_counter()
         _call_sample(loaded, b, s.steps, 0)
         _sync(dev)
@@ -878,6 +906,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: no CUDA GPU is usable here (torch {torch.__version__}); run it on a machine with an NVIDIA GPU, "
               "or pass --dry-run to rehearse it on the CPU", file=sys.stderr)
         return 2
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # not "cast with to()" at every dtype change of the sweep
+    warnings.filterwarnings("ignore", message=".*functools.lru_cache.*", category=UserWarning)  # dynamo on diffusers
     out = args.out or OUT / ("gpu_check_dry.json" if args.dry_run else "gpu_check.json")
     check = Check(DRY if args.dry_run else FULL, "cpu" if args.dry_run else "cuda", out, args.dry_run)
     try:
