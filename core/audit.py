@@ -547,7 +547,12 @@ class _Curves:
         self.procs = []
 
     def _died(self, w: int) -> None:
-        code = self.procs[w].poll()
+        import subprocess
+
+        try:  # its pipe is closed, so it is ending: wait for its exit code rather than race it with poll()
+            code = self.procs[w].wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
         raise MemauditError(f"a tau-curve worker process ended unexpectedly (exit code {code}); "
                             "set audit_workers to 0 to compute the curves in the audit's own process")
 
