@@ -157,6 +157,17 @@ def peak_tflops(name: str | None) -> float | None:
     return None
 
 
+def _free_memory() -> None:
+    """Drop what a finished (or stopped) step left: pipelines it loaded, cached GPU blocks."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -198,6 +209,7 @@ class Check:
             rec.update(status="skipped", error=f"less than 5 s left of the check's {self.sizes.total_s:.0f} s")
         else:
             self.write()
+            print(f"[{self.elapsed():6.1f} s] {name}: running (budget {budget:.0f} s)", flush=True)
             t0 = self._step_t0 = time.perf_counter()
             try:
                 with time_limit(budget):
@@ -211,6 +223,7 @@ class Check:
                 rec.update(status="error", error=f"{type(e).__name__}: {e}".strip()[:2000],
                            traceback=traceback.format_exc()[-4000:])
             rec["seconds"] = round(time.perf_counter() - t0, 2)
+            _free_memory()
         self.write()
         line = f"[{self.elapsed():6.1f} s] {name}: {rec['status']}"
         if rec.get("summary"):
@@ -592,6 +605,7 @@ def step_throughput_baseline(check: Check, rec: dict) -> None:
             _sync(dev)
             times[name].append(took if took is not None else time.perf_counter() - t0)
         rec["rounds"].append({name: round(v[-1], 3) for name, v in times.items()})
+        check.write()
         round_s = time.perf_counter() - start
     base = statistics.median(times["plain call, one generator"])
     rec["variants"] = {name: {"median_s": round(statistics.median(v), 3), "images_per_s": round(b / statistics.median(v), 3),
@@ -688,6 +702,7 @@ def step_unet_sweep(check: Check, rec: dict) -> None:
                "images_per_s_unet_only": round(batch / (sec * s.steps), 3), "tflops": round(tflops, 3),
                "fraction_of_peak": round(tflops / peak, 4) if peak else None}
         rec["configs"].append(row)
+        check.write()  # a run killed from outside keeps every configuration measured so far
         return row
 
     rec["configs"] = []
