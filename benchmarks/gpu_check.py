@@ -527,8 +527,6 @@ def step_regenerate(check: Check, rec: dict) -> None:
                   - _stored_pixels(ws_root, batched["path"]).astype(int))
     rec["batched_row"] = {"id": batched["id"], "max_level_difference": int(diff.max()),
                           "values_differing": int((diff > 0).sum()), "values": int(diff.size)}
-    prompts = ws_root / "alone.txt"
-    prompts.write_text(ALONE_PROMPT + "\n", encoding="utf-8")
     generate(ws, str(check.state["model"]), [ALONE_PROMPT], 1, steps=check.sizes.correctness_steps, guidance=GUIDANCE,
              batch_size=1, seed=7, device=check.device)
     alone = next(r for r in _rows(ws_root) if r["text"] == ALONE_PROMPT)
@@ -692,15 +690,24 @@ def step_unet_sweep(check: Check, rec: dict) -> None:
     rec["unet_gflop_per_forward"] = round(flops / 1e9, 2)
     rec["unet_parameters"] = sum(p.numel() for p in unet.parameters())
 
-    def measure(dtype: str, attention: str, channels_last: bool, batch: int) -> dict:
+    def measure(dtype: str, attention: str, channels_last: bool, batch: int) -> dict | None:
+        """One configuration's row, or None (recorded with its error) when it does not run: out of
+        memory (the math kernel at batch 16 needs about 17 GB), or no bf16 kernels on older GPUs."""
         _configure(loaded, dtype, channels_last)
         n = 2 * batch  # classifier-free guidance: the UNet sees every latent twice
-        sec = time_unet(unet, _unet_inputs(loaded, n, getattr(torch, dtype), dev), attention, s.unet_iters, dev)
+        row: dict[str, Any] = {"dtype": dtype, "attention": attention, "channels_last": channels_last, "batch": batch,
+                               "unet_batch": n}
+        try:
+            sec = time_unet(unet, _unet_inputs(loaded, n, getattr(torch, dtype), dev), attention, s.unet_iters, dev)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            rec["configs"].append(row)
+            _free_memory()
+            return None
         tflops = flops * n / sec / 1e12
-        row = {"dtype": dtype, "attention": attention, "channels_last": channels_last, "batch": batch, "unet_batch": n,
-               "ms_per_forward": round(1000 * sec, 3), "unet_it_per_s": round(1 / sec, 2),
-               "images_per_s_unet_only": round(batch / (sec * s.steps), 3), "tflops": round(tflops, 3),
-               "fraction_of_peak": round(tflops / peak, 4) if peak else None}
+        row.update({"ms_per_forward": round(1000 * sec, 3), "unet_it_per_s": round(1 / sec, 2),
+                    "images_per_s_unet_only": round(batch / (sec * s.steps), 3), "tflops": round(tflops, 3),
+                    "fraction_of_peak": round(tflops / peak, 4) if peak else None})
         rec["configs"].append(row)
         check.write()  # a run killed from outside keeps every configuration measured so far
         return row
@@ -708,23 +715,24 @@ def step_unet_sweep(check: Check, rec: dict) -> None:
     rec["configs"] = []
     b = s.batch
     fp16 = measure("float16", "sdpa", False, b)
+    if fp16 is None:
+        raise RuntimeError(f"the UNet does not run in float16 at batch {b}: {rec['configs'][0]['error']}")
     measure("float16", "math", False, b)
     bf16 = measure("bfloat16", "sdpa", False, b)
-    dtype = "bfloat16" if bf16["ms_per_forward"] < fp16["ms_per_forward"] else "float16"
-    plain = min(fp16, bf16, key=lambda r: r["ms_per_forward"])
+    plain = min((r for r in (fp16, bf16) if r is not None), key=lambda r: r["ms_per_forward"])
+    dtype = plain["dtype"]
     cl = measure(dtype, "sdpa", True, b)
-    channels_last = cl["ms_per_forward"] < plain["ms_per_forward"]
+    channels_last = cl is not None and cl["ms_per_forward"] < plain["ms_per_forward"]
     sweep = []
     for batch in s.sweep_batches:
         if check.remaining(rec) < 5:
             rec["sweep_cut"] = f"stopped before batch {batch}: budget"
             break
-        try:
-            sweep.append(measure(dtype, "sdpa", channels_last, batch))
-        except torch.OutOfMemoryError:
-            rec["sweep_cut"] = f"out of memory at batch {batch}"
-            torch.cuda.empty_cache()
+        row = measure(dtype, "sdpa", channels_last, batch)
+        if row is None:
+            rec["sweep_cut"] = f"batch {batch} did not run"
             break
+        sweep.append(row)
     best = max(sweep, key=lambda r: r["images_per_s_unet_only"]) if sweep else plain
     batch1 = next((r for r in sweep if r["batch"] == 1), None)
     check.state["best"] = {"dtype": dtype, "channels_last": channels_last, "batch": best["batch"],
