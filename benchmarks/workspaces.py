@@ -32,6 +32,7 @@ import io
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,8 +126,9 @@ def build_workspace(root: str | Path, prompts: int, per_prompt: int, *, plant_ev
             folder.mkdir(parents=True, exist_ok=True)
             rows = []
             created = now()
-            for j in range(per_prompt):
-                data = _png(pixels[j])
+            with ThreadPoolExecutor(max_workers=8) as pool:  # zlib releases the GIL: large images encode in parallel
+                encoded = list(pool.map(_png, pixels))
+            for j, data in enumerate(encoded):
                 sha = hashlib.sha256(data).hexdigest()
                 rel = f"generations/{pid}/import-{j:05d}-{sha[:12]}.png"
                 (root / rel).write_bytes(data)
