@@ -10,7 +10,7 @@ DEMO_WS ?= demo-workspace
 # Everywhere else pip resolves torch normally from pyproject.toml.
 LOCAL_TORCH := $(shell test -f /etc/xdg/pip/constraints.txt && grep -q 'torch<=2.14.1' /etc/xdg/pip/constraints.txt && echo "torch==2.14.1 torchvision==0.29.1")
 
-.PHONY: install demo dashboard test test-all test-browser bench bench-smoke browser clean
+.PHONY: install demo dashboard test test-all test-browser bench bench-smoke gpu-check browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: $(STAMP)
 
 bench-smoke: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all --smoke
+
+# Verify and measure every GPU path (under 8 minutes on one GPU; see benchmarks/gpu_check.py).
+gpu-check: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info test-artifacts

@@ -4,7 +4,7 @@
 
 * the demo training set (assets/demo/train: 641 files of 56 distinct 32 x 32 images,
   duplicated 100, 10 and 1 times), ingested with ``core.training.add_training``;
-* ``prompts`` x ``per_prompt`` generations, 32 x 32 PNGs written straight into
+* ``prompts`` x ``per_prompt`` generations, 32 x 32 PNGs (``size``) written straight into
   WS/generations/<prompt_id>/ and inserted as imported rows (source 'import', one
   transaction per prompt), the rows ``core.importer.import_generations`` would make
   without its per-file fsync, decode check and manifest parsing.
@@ -32,6 +32,7 @@ import io
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,13 +51,13 @@ class BuiltWorkspace:
     seconds: dict[str, float] = field(default_factory=dict)  # training, generations
 
 
-def _smooth(rng: np.random.Generator, n: int, cells: int = 6) -> np.ndarray:
-    """n smooth random RGB images (N, SIZE, SIZE, 3) in [0, 1]: cells x cells noise, bilinear upsampled."""
+def _smooth(rng: np.random.Generator, n: int, cells: int = 6, size: int = SIZE) -> np.ndarray:
+    """n smooth random RGB images (N, size, size, 3) in [0, 1]: cells x cells noise, bilinear upsampled."""
     import torch
     import torch.nn.functional as F
 
     low = torch.from_numpy(rng.random((n, 3, cells, cells), dtype=np.float32))
-    up = F.interpolate(low, size=(SIZE, SIZE), mode="bilinear", align_corners=True)
+    up = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=True)
     return up.permute(0, 2, 3, 1).numpy()
 
 
@@ -68,20 +69,24 @@ def _png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _training_images(data_dir: Path) -> list[np.ndarray]:
+def _training_images(data_dir: Path, size: int = SIZE) -> list[np.ndarray]:
     from core.images import load_working
 
     seen: dict[str, np.ndarray] = {}
     for p in sorted(data_dir.glob("*.png")):
         h = hashlib.sha256(p.read_bytes()).hexdigest()
         if h not in seen:
-            seen[h] = load_working(p, SIZE)
+            seen[h] = load_working(p, size)
     return list(seen.values())
 
 
 def build_workspace(root: str | Path, prompts: int, per_prompt: int, *, plant_every: int = 10,
-                    seed: int = 0) -> BuiltWorkspace:
-    """Create the workspace described in the module docstring at ``root`` (which must not exist)."""
+                    seed: int = 0, size: int = SIZE) -> BuiltWorkspace:
+    """Create the workspace described in the module docstring at ``root`` (which must not exist).
+
+    ``size``: the generations' side in pixels (the training images are the demo's 32 x 32 ones, and
+    planted copies are those upscaled to ``size``).
+    """
     from core.demo_data import DEMO_DATA_DIR
     from core.store import Workspace, now
     from core.training import add_training
@@ -95,23 +100,23 @@ def build_workspace(root: str | Path, prompts: int, per_prompt: int, *, plant_ev
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    train = _training_images(DEMO_DATA_DIR)
+    train = _training_images(DEMO_DATA_DIR, size)
     scale = per_prompt / 500
     planted_count = 0
     for p in range(prompts):
         text = f"synthetic prompt {p:04d}"
-        base = _smooth(rng, 1)[0]
+        base = _smooth(rng, 1, size=size)[0]
         w = rng.uniform(0.5, 1.0, (per_prompt, 1, 1, 1)).astype(np.float32)
-        images = (1 - w) * base + w * np.clip((_smooth(rng, per_prompt) - 0.5) * 1.5 + 0.5, 0, 1)
+        images = (1 - w) * base + w * np.clip((_smooth(rng, per_prompt, size=size) - 0.5) * 1.5 + 0.5, 0, 1)
         alike = rng.choice(per_prompt, max(1, per_prompt // 50), replace=False)
         images[alike] = images[rng.integers(per_prompt, size=len(alike))] + rng.normal(
-            0.0, 1.0, (len(alike), SIZE, SIZE, 3)).astype(np.float32) * rng.uniform(0.02, 0.08, (len(alike), 1, 1, 1)).astype(np.float32)
+            0.0, 1.0, (len(alike), size, size, 3)).astype(np.float32) * rng.uniform(0.02, 0.08, (len(alike), 1, 1, 1)).astype(np.float32)
         clique = 0
         if p % plant_every == 0:
             clique = min(per_prompt, max(12, round(CLIQUE_SIZES[planted_count % len(CLIQUE_SIZES)] * scale)))
             planted_count += 1
             target = train[int(rng.integers(len(train)))]
-            noise = rng.normal(0.0, 1.0, (clique, SIZE, SIZE, 3)).astype(np.float32) * rng.uniform(0.01, 0.03, (clique, 1, 1, 1)).astype(np.float32)
+            noise = rng.normal(0.0, 1.0, (clique, size, size, 3)).astype(np.float32) * rng.uniform(0.01, 0.03, (clique, 1, 1, 1)).astype(np.float32)
             members = rng.choice(per_prompt, clique, replace=False)
             images[members] = target + noise
         pixels = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
@@ -121,13 +126,14 @@ def build_workspace(root: str | Path, prompts: int, per_prompt: int, *, plant_ev
             folder.mkdir(parents=True, exist_ok=True)
             rows = []
             created = now()
-            for j in range(per_prompt):
-                data = _png(pixels[j])
+            with ThreadPoolExecutor(max_workers=8) as pool:  # zlib releases the GIL: large images encode in parallel
+                encoded = list(pool.map(_png, pixels))
+            for j, data in enumerate(encoded):
                 sha = hashlib.sha256(data).hexdigest()
                 rel = f"generations/{pid}/import-{j:05d}-{sha[:12]}.png"
                 (root / rel).write_bytes(data)
                 origin = f"/synthetic/{pid}/{j}.png"
-                rows.append((pid, j, rel, sha, SIZE, SIZE, origin, json.dumps({"origin": origin}), created))
+                rows.append((pid, j, rel, sha, size, size, origin, json.dumps({"origin": origin}), created))
             con.executemany(
                 "INSERT INTO generations(prompt_id, model_id, seed, path, sha256, width, height, steps, guidance, "
                 "scheduler, source, origin, params, created_at) VALUES (?, NULL, ?, ?, ?, ?, ?, NULL, NULL, NULL, "

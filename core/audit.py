@@ -158,6 +158,21 @@ def curve_workers(setting: int, tasks: int, generations: int) -> int:
     return max(0, min(n, tasks // CURVE_TASKS_PER_WORKER))
 
 
+def audit_device(setting: str) -> str:
+    """The ``audit_device`` setting -> the torch device the audit's distances run on ('cpu' or 'cuda')."""
+    import torch
+
+    name = str(setting).strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("audit_device is 'cuda' but no CUDA GPU is usable here; "
+                         "set it to cpu or auto (`memaudit settings WS audit_device auto`)")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"audit_device must be cpu, cuda or auto, got {setting!r}")
+    return name
+
+
 def _working_size(ws: Workspace, requested: int) -> int:
     if requested:
         return requested
@@ -254,6 +269,7 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
 
     settings = ws.settings()
     budget = int(settings["clique_node_budget"])
+    device = audit_device(settings["audit_device"])
     similarity = _Similarity(ws, params.embedder, settings)
     pyramid = TrainingPyramid.load(ws, size, {i: t.path for i, t in training.items()})
     # text prompts: the nearest is certified, `neighbours` shown; the relative-L2 denominator of
@@ -296,11 +312,11 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
             unconditional = gens[0].prompt is None
             near = certified_nearest(images, pyramid, k_relative if unconditional else 1,
                                      show=max(k_show, k_relative) if unconditional else k_show,
-                                     budget=params.nearest_budget)
+                                     budget=params.nearest_budget, device=device)
             ids, l2 = near.ids, near.l2
             clock = _lap(timings, "nearest", clock)
             sim = similarity(images, ids, near.pooled)
-            tiled_by_grid = _tiled_to_training(images, ids, pyramid, grids)
+            tiled_by_grid = _tiled_to_training(images, ids, pyramid, grids, device)
             tiled = tiled_by_grid[params.grid]
             n_rel = min(params.relative_n, l2.shape[1])
             rel = l2[:, 0] / np.maximum(params.relative_alpha * l2[:, :n_rel].mean(axis=1), 1e-12)
@@ -314,7 +330,7 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
             if gens[0].prompt is None:
                 groups = []  # unconditional: judged per generation by relative L2 below
             else:
-                by_grid = {g: d.cpu().numpy().astype(np.float32) for g, d in pairwise_tiled_l2_grids(images, grids=grids).items()}
+                by_grid = {g: d.cpu().numpy().astype(np.float32) for g, d in pairwise_tiled_l2_grids(images, grids=grids, device=device).items()}
                 clock = _lap(timings, "distances", clock)
                 for g, d in by_grid.items():
                     np.fill_diagonal(d, 0.0)
@@ -451,7 +467,8 @@ class _Similarity:
         return np.einsum("qd,qkd->qk", queries, vectors).astype(np.float32)
 
 
-def _tiled_to_training(images: np.ndarray, ids: np.ndarray, pyramid, grids: list[int]) -> dict[int, np.ndarray]:
+def _tiled_to_training(images: np.ndarray, ids: np.ndarray, pyramid, grids: list[int],
+                       device: str = "cpu") -> dict[int, np.ndarray]:
     """Exact tiled L2 (at every grid) between each generation and each of its nearest training images.
 
     Each distinct training image is decoded once and the pairs are indexed, so neither side is
@@ -462,8 +479,9 @@ def _tiled_to_training(images: np.ndarray, ids: np.ndarray, pyramid, grids: list
     n, k = ids.shape
     unique, inverse = np.unique(ids, return_inverse=True)
     train = pyramid.pixels(unique)
-    _, tiled = paired_distances_grids(images, train, grids, ia=np.repeat(np.arange(n), k), ib=inverse.reshape(-1))
-    return {g: np.asarray(t, dtype=np.float32).reshape(n, k) for g, t in tiled.items()}
+    _, tiled = paired_distances_grids(images, train, grids, ia=np.repeat(np.arange(n), k), ib=inverse.reshape(-1),
+                                      device=device)
+    return {g: t.cpu().numpy().astype(np.float32).reshape(n, k) for g, t in tiled.items()}
 
 
 def tau_curve(dist: np.ndarray, budget: int | None = None, taus: np.ndarray | None = None
@@ -570,7 +588,12 @@ class _Curves:
         self.procs = []
 
     def _died(self, w: int) -> None:
-        code = self.procs[w].poll()
+        import subprocess
+
+        try:  # its pipe is closed, so it is ending: wait for its exit code rather than race it with poll()
+            code = self.procs[w].wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
         raise MemauditError(f"a tau-curve worker process ended unexpectedly (exit code {code}); "
                             "set audit_workers to 0 to compute the curves in the audit's own process")
 

@@ -87,6 +87,12 @@ _SETTINGS = [
             "Processes that compute the tau curves (largest clique at every tau, for the sliders) beside the "
             "audit's main loop. -1: one per CPU core (at most 8) when prompts have 100 generations or more; "
             "0: none, all in the audit's own process.", -1, 64),
+    Setting("audit_device", "cpu", str,
+            "Where the audit computes image distances (between generations, and to training images): cpu, cuda "
+            "(an NVIDIA GPU: the same computation, identical images still exactly 0; `make gpu-check` compares it "
+            "with the CPU's), or auto (cuda when one is usable, else cpu). Clique search and tau curves run on the "
+            "CPU either way.",
+            choices=("cpu", "cuda", "auto")),
     Setting("grid", 4, int,
             "G: tiled L2 splits each image into a G x G grid of tiles and takes the maximum over tile "
             "positions of the normalised L2. G must divide the working size.", 1, 64),

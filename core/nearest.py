@@ -218,7 +218,7 @@ class TrainingPyramid:
 
 
 def certified_nearest(queries: np.ndarray, pyramid: TrainingPyramid, k: int, *, show: int = 0,
-                      budget: int = 5000) -> Nearest:
+                      budget: int = 5000, device: str = "cpu") -> Nearest:
     """The k nearest training images of each query (certified: see the module docstring), and up to
     ``show`` nearest of the images measured (at least k), by exact normalised L2 at the working size.
 
@@ -249,7 +249,7 @@ def certified_nearest(queries: np.ndarray, pyramid: TrainingPyramid, k: int, *, 
     for start in range(0, q_n, block):
         qs = np.arange(start, min(q_n, start + block))
         coarse = np.sqrt(_bound_sq(qc[qs], pyramid.coarse, qcn[qs], pyramid.coarse_norm))
-        _search_block(queries, qs, coarse, qf, qfn, pyramid, k, m, budget, measured, lower, certified)
+        _search_block(queries, qs, coarse, qf, qfn, pyramid, k, m, budget, measured, lower, certified, device)
 
     ids = np.zeros((q_n, m), np.int64)
     l2 = np.full((q_n, m), np.inf, np.float32)
@@ -267,7 +267,7 @@ def certified_nearest(queries: np.ndarray, pyramid: TrainingPyramid, k: int, *, 
 
 def _search_block(queries: np.ndarray, qs: np.ndarray, coarse: np.ndarray, qf: np.ndarray, qfn: np.ndarray,
                   pyramid: TrainingPyramid, k: int, m: int, budget: int, measured: list[dict[int, float]],
-                  lower: np.ndarray, certified: np.ndarray) -> None:
+                  lower: np.ndarray, certified: np.ndarray, device: str = "cpu") -> None:
     """The staged search of ``certified_nearest`` for the queries ``qs``, whose coarse bounds are ``coarse``."""
     from .distances import paired_distances_grids
 
@@ -331,7 +331,7 @@ def _search_block(queries: np.ndarray, qs: np.ndarray, coarse: np.ndarray, qf: n
         rows = np.concatenate([r for _, _, r in pairs])
         uniq, inv = np.unique(rows, return_inverse=True)
         train = pyramid.pixels(pyramid.ids[uniq])
-        l2, _ = paired_distances_grids(queries, train, (1,), ia=qi, ib=inv.reshape(-1))
+        l2, _ = paired_distances_grids(queries, train, (1,), ia=qi, ib=inv.reshape(-1), device=device)
         l2 = l2.cpu().numpy().astype(np.float64)
         at = 0
         for i, q, r in pairs:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from core import audit, labels
 from core.errors import InputError, MemauditError
@@ -241,6 +242,53 @@ def test_bad_grid_is_refused_before_any_work(planted):
     with pytest.raises(InputError, match="grid 3 does not divide"):
         audit.run_audit(ws, audit.params_from(ws, grid=3))
     assert len(audit.list_runs(ws)) == before
+
+
+def _runs_agree(ws, a: int, b: int, atol: float) -> None:
+    """Two audit runs of the same workspace: the same verdicts, cliques and curves; distances within atol."""
+    ca, cb = audit.RunCache(ws, a), audit.RunCache(ws, b)
+    assert ca.grids == cb.grids and np.array_equal(ca.gen_ids, cb.gen_ids)
+    for g in ca.grids:
+        for pid in ca.prompt_ids:
+            da, db = ca.distances(int(pid), g), cb.distances(int(pid), g)
+            np.testing.assert_allclose(db, da, atol=atol, rtol=0)
+            assert np.all(np.diag(db) == 0) and np.array_equal(db == 0, da == 0)  # identical images exactly 0
+        np.testing.assert_allclose(cb.nn_tiled[g], ca.nn_tiled[g], atol=atol, rtol=0)
+    np.testing.assert_allclose(cb.nn_l2, ca.nn_l2, atol=atol, rtol=0)
+    assert np.array_equal(ca.nn_ids, cb.nn_ids) and np.array_equal(ca.size, cb.size)
+    verdicts = lambda c: [(r.prompt, r.largest_clique, r.flagged, r.extracted) for r in c.recount(0.1, 10, 0.15).prompts]  # noqa: E731
+    assert verdicts(ca) == verdicts(cb)
+
+
+def test_audit_device_setting_picks_the_device_and_refuses_a_missing_gpu_before_any_work(planted):
+    ws, run_id = planted
+    cuda = torch.cuda.is_available()
+    assert audit.audit_device("cpu") == "cpu"
+    assert audit.audit_device("auto") == ("cuda" if cuda else "cpu")
+    assert ws.settings()["audit_device"] == "cpu"  # the default: distances stay on the CPU unless asked
+    ws.set_setting("audit_device", "auto")
+    try:
+        _runs_agree(ws, run_id, audit.run_audit(ws), atol=1e-4 if cuda else 0.0)
+        if not cuda:
+            before = len(audit.list_runs(ws))
+            ws.set_setting("audit_device", "cuda")
+            with pytest.raises(InputError, match="no CUDA GPU is usable here"):
+                audit.run_audit(ws)
+            assert len(audit.list_runs(ws)) == before
+    finally:
+        ws.set_setting("audit_device", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_audit_on_cuda_agrees_with_the_cpu(planted):
+    """Distances on the GPU (pairwise and to training images): the CPU run's verdicts, 1e-4 of its distances."""
+    ws, run_id = planted
+    ws.set_setting("audit_device", "cuda")
+    try:
+        _runs_agree(ws, run_id, audit.run_audit(ws), atol=1e-4)
+    finally:
+        ws.set_setting("audit_device", "cpu")
 
 
 def test_labels_are_append_only_with_undo_and_agreement(planted):

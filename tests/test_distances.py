@@ -312,6 +312,35 @@ def test_cuda_agrees_with_cpu():
                                cpu.numpy() <= 0.05)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_grids_and_paired_distances_agree_with_cpu_and_identical_images_are_exactly_zero():
+    """What the audit computes on CUDA (audit_device cuda): every grid at once, and indexed pairs."""
+    from core.distances import paired_distances_grids, pairwise_tiled_l2_grids
+
+    rng = np.random.default_rng(5)
+    x = np.concatenate([near_copies(rng, p, [1e-4, 1e-3]) for p in photographs(64)])  # rows 4k and 4k + 1 identical
+    grids = (1, 2, 4, 8)
+    cpu = pairwise_tiled_l2_grids(x, grids=grids)
+    gpu = pairwise_tiled_l2_grids(x, grids=grids, device="cuda")
+    copies = torch.arange(0, len(x), 4)
+    for g in grids:
+        d = gpu[g]
+        assert d.device.type == "cuda"
+        np.testing.assert_allclose(d.cpu().numpy(), cpu[g].numpy(), atol=1e-4, rtol=0)
+        assert torch.all(d.diagonal() == 0) and torch.equal(d, d.T)
+        assert torch.all(d[copies, copies + 1].cpu() == 0)  # identical images at different rows: exactly 0
+    ia, ib = np.repeat(np.arange(len(x)), 3), rng.integers(0, len(x), 3 * len(x))
+    ib[::3] = np.where(ia[::3] % 4 == 0, ia[::3] + 1, ia[::3])  # every third pair: an identical image or the same row
+    l2_cpu, tiled_cpu = paired_distances_grids(x, x, grids, ia=ia, ib=ib)
+    l2_gpu, tiled_gpu = paired_distances_grids(x, x, grids, ia=ia, ib=ib, device="cuda")
+    np.testing.assert_allclose(l2_gpu.cpu().numpy(), l2_cpu.numpy(), atol=1e-4, rtol=0)
+    for g in grids:
+        np.testing.assert_allclose(tiled_gpu[g].cpu().numpy(), tiled_cpu[g].numpy(), atol=1e-4, rtol=0)
+        assert torch.all(tiled_gpu[g][::3].cpu() == 0)
+    assert torch.all(l2_gpu[::3].cpu() == 0)
+
+
 # ---------------------------------------------------------------------------- exact pruning
 def pruning_set(size: int = 64) -> np.ndarray:
     """Photographs, clusters of copies at assorted distances, and singletons: distances from 0 to ~0.5."""

@@ -1,8 +1,10 @@
-"""Tiny random-weight diffusers pipelines, built from seeded code and saved to a folder.
+"""Random-weight diffusers pipelines, built from seeded code and saved to a folder.
 
 They are real pipelines (real UNets, schedulers, VAE, CLIP text encoder and
-tokenizer) small enough to sample in well under a second on a CPU, so tests
-exercise the same loading and sampling code as a real checkpoint. Nothing is
+tokenizer), most of them small enough to sample in well under a second on a CPU,
+so tests exercise the same loading and sampling code as a real checkpoint;
+``build_sd15`` builds Stable Diffusion 1.5's full architecture (or a tiny version
+of it) for the GPU check (benchmarks/gpu_check.py). Nothing is
 downloaded: the CLIP tokenizer's ``vocab.json`` and ``merges.txt`` are written
 here (the 256 byte symbols, each also with the ``</w>`` word-end marker, plus
 the two special tokens; no merges, so every word is spelled letter by letter).
@@ -156,4 +158,81 @@ def build_class_conditional(path: str | Path, *, seed: int = 0) -> Path:
     index = json.loads(index_file.read_text(encoding="utf-8"))
     index["id2label"] = {str(k): v for k, v in CLASS_NAMES.items()}
     index_file.write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------ Stable Diffusion 1.5's architecture
+# The published component configs of Stable Diffusion 1.5 (its unet/, vae/ and text_encoder/
+# config.json, the text encoder being CLIP ViT-L/14's), written out so that a pipeline of that
+# size can be built with random weights and no download. ``SD15_TINY`` keeps every block type,
+# block count and the scheduler, and shrinks the widths, depths and image size.
+SD15_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280), "norm_num_groups": 32, "norm_eps": 1e-5,
+    "cross_attention_dim": 768, "attention_head_dim": 8, "act_fn": "silu",
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_scale_factor": 1,
+}
+SD15_VAE = {
+    "sample_size": 512, "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (128, 256, 512, 512), "norm_num_groups": 32, "act_fn": "silu",
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+}
+SD15_TEXT = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5, "projection_dim": 768,
+}
+SD15_SCHEDULER = {  # PNDM, as Stable Diffusion 1.5 ships it
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1
+}
+SD15_TINY = {  # overrides: 64 x 64 images (8 x 8 latents), widths 32/64, one layer a block
+    "unet": {"sample_size": 8, "layers_per_block": 1, "block_out_channels": (32, 32, 64, 64),
+             "cross_attention_dim": 32, "attention_head_dim": 2},
+    "vae": {"sample_size": 64, "layers_per_block": 1, "block_out_channels": (32, 32, 32, 32)},
+    "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "projection_dim": 32},
+}
+
+
+def build_sd15(path: str | Path, *, tiny: bool = False, seed: int = 0, device: str = "cpu",
+               dtype: str = "float32") -> Path:
+    """Save a StableDiffusionPipeline with Stable Diffusion 1.5's architecture and random weights to ``path``.
+
+    Full size: 512 x 512 images, an 860M-parameter UNet, the 84M-parameter VAE and the 123M-parameter
+    CLIP text encoder; ``tiny``: the same blocks at 64 x 64 with small widths (``SD15_TINY``). The
+    weights are drawn on ``device`` (a GPU draws 1B parameters in a second, a CPU takes much longer)
+    and saved in ``dtype``. The tokenizer is the byte-level one of ``write_tokenizer_files`` with
+    SD's 77-token context; it spells words letter by letter, which changes no tensor shape.
+    """
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    over = SD15_TINY if tiny else {"unet": {}, "vae": {}, "text": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = write_tokenizer_files(tmp)
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=SD15_TEXT["max_position_embeddings"])
+    text = {**SD15_TEXT, **over["text"]}
+    if tiny:
+        text["vocab_size"] = len(tokenizer)
+    _seeded(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**{**SD15_UNET, **over["unet"]})
+        vae = AutoencoderKL(**{**SD15_VAE, **over["vae"]})
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            **text, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=PNDMScheduler(**SD15_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    if dtype != "float32":
+        pipe.to(getattr(torch, dtype))
+    path = Path(path)
+    pipe.save_pretrained(path)
     return path
