@@ -38,6 +38,9 @@ class Overview:
     label_events: int = 0
     reviewers: tuple[str, ...] = ()
     kappa: dict[tuple[str, str], tuple[float | None, int]] = field(default_factory=dict)
+    clique_bounds: int = 0           # prompts whose largest clique is a lower bound (clique search budget)
+    uncertified_nearest: int = 0     # flagged candidates whose nearest training image is not certified
+    uncertain_verdicts: int = 0      # of those, counted not extracted though the true nearest could be within delta
 
     @property
     def unlabelled_candidates(self) -> int:
@@ -67,7 +70,8 @@ def overview(ws: Workspace, run_id: int | None = None) -> Overview:
     return Overview(**base, audited_prompts=summary["prompts"], flagged_prompts=summary["flagged_prompts"],
                     extracted_prompts=extracted_prompts, candidates=summary["candidates"], extracted_candidates=summary["extracted_candidates"],
                     extracted_training_images=summary["extracted_training_images"], labelled_candidates=labelled,
-                    reviewers=agree.reviewers, kappa=dict(agree.pairs))
+                    reviewers=agree.reviewers, kappa=dict(agree.pairs), clique_bounds=summary["clique_bounds"],
+                    uncertified_nearest=summary["uncertified_nearest"], uncertain_verdicts=summary["uncertain_verdicts"])
 
 
 def model_refs(ws: Workspace) -> list[str]:

@@ -59,7 +59,7 @@ def test_settings_override_defaults_and_are_checked(tmp_path):
     assert ws.get_setting("edge_threshold") == config.default("edge_threshold")
     ws.set_setting("edge_threshold", "0.07")
     assert Workspace.open(ws.root).settings()["edge_threshold"] == 0.07
-    with pytest.raises(ValueError, match="edge_threshold must be <= 1.0"):
+    with pytest.raises(ValueError, match="edge_threshold must be <= 0.3"):
         ws.set_setting("edge_threshold", 3)
     with pytest.raises(ValueError, match="embedder must be one of"):
         ws.set_setting("embedder", "sift")

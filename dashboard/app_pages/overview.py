@@ -84,6 +84,15 @@ row[5].metric("Extracted prompts", ov.extracted_prompts,
               help=f"flagged prompts with a clique whose medoid is within L2 <= delta = {params.delta:g} of a training "
                    f"image: {ov.extracted_candidates} candidates, {ov.extracted_training_images} distinct training images")
 
+if ov.clique_bounds:
+    st.warning(f"{ov.clique_bounds} prompts' largest clique is a lower bound: the exact clique search stopped at its "
+               "budget (setting clique_node_budget), so they may be flagged too few. The Cliques page marks them.",
+               icon=":material/warning:")
+if ov.uncertified_nearest:
+    st.warning(f"{ov.uncertified_nearest} flagged candidates' nearest training image is not certified (the search stopped "
+               f"at nearest_budget); {ov.uncertain_verdicts} of them are counted not extracted though their true nearest "
+               "could lie within delta. Raise nearest_budget and audit again.", icon=":material/warning:")
+
 row = st.columns(6)
 row[0].metric("Candidates", ov.candidates)
 row[1].metric("Labelled", ov.labelled_candidates, help="candidates with at least one current label")
