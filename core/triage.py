@@ -209,7 +209,7 @@ class _TextScorer(_Scorer):
         return self.pipe.unet(x, t, encoder_hidden_states=cond).sample
 
 
-def _scorer(loaded: Any) -> _Scorer:
+def scorer_for(loaded: Any) -> _Scorer:
     """The adapter for a loaded pipeline, or a one-line error saying why it cannot be triaged."""
     pipe, ref = loaded.pipeline, loaded.ref
     if loaded.kind != "text2image":
@@ -397,7 +397,7 @@ def triage(ws: Workspace, model_ref: str, prompts: Sequence[str], params: Triage
     if not texts:
         raise InputError("no prompts to triage; give a prompts file with one prompt per line")
     loaded = load_pipeline(model_ref, device)
-    scorer = _scorer(loaded)
+    scorer = scorer_for(loaded)
     if isinstance(scorer, _CaptionScorer):
         scorer.pipe.caption_ids(texts)  # an unknown caption fails before anything is scored
     model_id = _model_row(ws, loaded)
