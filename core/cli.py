@@ -95,17 +95,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise MemauditError("give --prompts or --prompts-from-triage, not both")
     if args.top is not None and args.prompts_from_triage is None:
         raise MemauditError("--top picks prompts of a triage run; give --prompts-from-triage RUN with it")
+    bound = ""
     if args.prompts_from_triage is not None:
-        from .triage import top_prompts
+        from .triage import get_run, top_prompts
 
         prompts = top_prompts(ws, args.prompts_from_triage, args.top)
+        scored = get_run(ws, args.prompts_from_triage).prompts
+        if len(prompts) < scored:
+            bound = (f"; these are the top {len(prompts)} of the {scored} prompts of triage run {args.prompts_from_triage}: "
+                     "the rest are not generated, so an audit of them is a lower bound on what the model memorised")
     else:
         prompts = read_prompts(args.prompts) if args.prompts else None  # None: an unconditional model
     report = generate(ws, args.model, prompts, opt("per_prompt"), steps=opt("steps"), guidance=opt("guidance"),
                       batch_size=opt("batch_size"), seed=opt("seed"), device=opt("device"))
     data = {k: getattr(report, k) for k in report.__dataclass_fields__}
     _emit(args, f"generated {report.generated} images for {len(prompts) if prompts else 1} prompts "
-                f"({report.skipped_existing} already in the workspace) in {report.seconds:.1f} s", data)
+                f"({report.skipped_existing} already in the workspace) in {report.seconds:.1f} s{bound}",
+          {**data, **({"note": bound[2:]} if bound else {})})
 
 
 def cmd_triage(args: argparse.Namespace) -> None:

@@ -503,6 +503,18 @@ def export(ws: Workspace) -> list[dict[str, Any]]:
     return out
 
 
+def ranking_table(ws: Workspace, run_id: int | None = None, audit_run: int | None = None) -> list[dict[str, Any]]:
+    """The run's ranked prompts with the audit run's verdict on each ('' where it has none), for display."""
+    from . import audit
+
+    verdicts: dict[int, str] = {}
+    if audit_run is not None:
+        for r in audit.prompt_results(ws, audit_run):
+            verdicts[r.prompt_id] = "extracted" if r.extracted else "flagged" if r.flagged else "not flagged"
+    return [{"rank": r.rank, "prompt": r.prompt, "score": r.score, "audit": verdicts.get(r.prompt_id, ""), "note": r.note}
+            for r in ranked(ws, run_id)]
+
+
 # ---------------------------------------------------------------------------------- validation
 @dataclass(frozen=True)
 class TriageValidation:
