@@ -344,9 +344,6 @@ def test_triage_ranks_the_captions_a_tiny_model_memorised_first(tmp_path):
     assert all(copies[c].copy_clique < 4 for c in shared), {c: copies[c].copy_clique for c in shared}
 
     ws = Workspace.init(tmp_path / "ws")
-    for method in triage.METHODS:
-        report = triage.triage(ws, str(tmp_path / "m"), shared + memorised, triage.make_params(ws, method=method, sampling_steps=10),
-                               device="cpu")
-        ranking = [r.prompt for r in triage.ranked(ws, report.run_id)]
-        if method == "noise-norm":
-            assert set(ranking[:4]) == set(memorised), ranking
+    report = triage.triage(ws, str(tmp_path / "m"), shared + memorised, triage.make_params(ws, sampling_steps=10), device="cpu")
+    ranking = [r.prompt for r in triage.ranked(ws, report.run_id)]
+    assert set(ranking[:4]) == set(memorised), ranking
