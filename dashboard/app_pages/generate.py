@@ -121,12 +121,12 @@ with left:
     if source and source[3] == st.session_state.get(PROMPTS_TEXT):
         st.caption(f"Starting from the {source[1]} highest-scoring of the {source[2]} prompts of triage run {source[0]} "
                    f"(Triage page){': the rest are not generated, so an audit of these is a lower bound' if source[1] < source[2] else ''}.")
-    src = st.columns([3, 2, 2, 2], vertical_alignment="bottom")
+    src = st.columns([5, 3, 3, 3], vertical_alignment="bottom")
     src[0].file_uploader("Or load a text file", type=["txt"], key="generate_upload", on_change=fill_upload)
-    top_n = src[1].number_input("Top-N prompts", 1, 100_000, START_TOP, key="generate_top_n", persist_state="session")
-    src[2].button("Use the N most duplicated", on_click=fill_top, args=(int(top_n),), key="generate_fill_top",
+    top_n = src[1].number_input("Or the top N", 1, 100_000, START_TOP, key="generate_top_n", persist_state="session")
+    src[2].button("most duplicated", width="stretch", on_click=fill_top, args=(int(top_n),), key="generate_fill_top",
                   help="Captions of the training images with the most near-duplicates (the paper's prompts).")
-    src[3].button("Use the top N by triage", on_click=fill_triage, args=(int(top_n),), key="generate_fill_triage",
+    src[3].button("by triage score", width="stretch", on_click=fill_triage, args=(int(top_n),), key="generate_fill_triage",
                   disabled=not triage_runs,
                   help="The highest-scoring prompts of the latest triage run (`memaudit triage`): likely memorised first.")
 with right:

@@ -78,7 +78,7 @@ m[1].metric("TPR at 1% FPR", ui.fmt(v.tpr_at_1pct_fpr))
 m[2].metric(f"Top N keeping every {verdict} prompt", f"{v.keep_all_rank} of {v.prompts}" if v.keep_all_rank else "–",
             help="The lowest score of a memorised prompt: generating for every prompt scoring at least this much "
                  "would have found all of them.")
-m[3].metric("That score", ui.fmt(v.keep_all_threshold, 4) if v.keep_all_threshold is not None else "–")
+m[3].metric("That score", f"{v.keep_all_threshold:.4g}" if v.keep_all_threshold is not None else "–")
 left, right = st.columns(2)
 with left:
     st.plotly_chart(figures.triage_ranking(v.scores, v.positive, threshold=v.keep_all_threshold, verdict=verdict),
