@@ -241,7 +241,8 @@ def scorer_for(loaded: Any) -> _Scorer:
     return _TextScorer(pipe, loaded.size)
 
 
-def _ddim(scheduler: Any, sampling_steps: int, device: str) -> Any:
+def trajectory_scheduler(scheduler: Any, sampling_steps: int, device: str) -> Any:
+    """A DDIM scheduler on ``scheduler``'s noise schedule, set to ``sampling_steps`` steps (the triage trajectory)."""
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(scheduler.config)
@@ -405,7 +406,7 @@ def triage(ws: Workspace, model_ref: str, prompts: Sequence[str], params: Triage
     done = _scored(ws, run_id)
     pending = [t for t in texts if t not in done]
     skipped = len(texts) - len(pending)
-    scheduler = _ddim(loaded.pipeline.scheduler, params.sampling_steps, loaded.device)
+    scheduler = trajectory_scheduler(loaded.pipeline.scheduler, params.sampling_steps, loaded.device)
     per_call = max(1, batch_size // params.samples)
     scored, stopped, notes = 0, False, []
     if progress:
