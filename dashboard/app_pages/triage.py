@@ -25,7 +25,7 @@ if not runs:
 by_id = {r.id: r for r in runs}
 run_id = st.selectbox("Triage run", list(by_id)[::-1], key="triage_run",
                       format_func=lambda i: f"run {i} · {by_id[i].params.method} · {by_id[i].params.steps} step(s) · "
-                                            f"{by_id[i].params.samples} samples · {by_id[i].prompts} prompts")
+                                            f"{by_id[i].params.samples} sample{'s' if by_id[i].params.samples != 1 else ''} · {by_id[i].prompts} prompts")
 run = by_id[run_id]
 p = run.params
 st.caption(f"Model `{run.model_ref}` (weights {run.weights_hash[:12]}) · seed {p.seed} · guidance {p.guidance:g} · "
