@@ -133,7 +133,6 @@ class _Scorer:
 
     pipe: Any
     shape: tuple[int, int, int]
-    init_sigma: float = 1.0
 
     def condition(self, prompts: Sequence[str]) -> tuple[Any, Any, dict[str, str]]:
         """(conditional, unconditional) inputs for each prompt, and a one-line note per truncated prompt."""
@@ -181,7 +180,6 @@ class _TextScorer(_Scorer):
         else:
             h, w = size[0] // factor, size[1] // factor
         self.shape = (int(unet.config.in_channels), int(h), int(w))
-        self.init_sigma = float(getattr(pipe.scheduler, "init_noise_sigma", 1.0))
 
     def condition(self, prompts: Sequence[str]) -> tuple[Any, Any, dict[str, str]]:
         from diffusers.utils import logging as dlog
@@ -279,7 +277,7 @@ def score_batch(scorer: _Scorer, scheduler: Any, prompts: Sequence[str], params:
     both = torch.cat([uncond, cond])
     noise = [torch.randn(scorer.shape, generator=torch.Generator("cpu").manual_seed(params.seed + j), dtype=torch.float32)
              for _ in range(n) for j in range(k)]
-    x = (torch.stack(noise) * scorer.init_sigma).to(device=device, dtype=dtype)
+    x = (torch.stack(noise) * float(scheduler.init_noise_sigma)).to(device=device, dtype=dtype)
     x_start = x
     kind = scheduler.config.prediction_type
     alphas = scheduler.alphas_cumprod.to(device)
