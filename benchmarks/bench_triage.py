@@ -8,8 +8,8 @@ the score separates the demo's memorised captions from the others.
    (sampling is linear in the number of batches). Interleaved rounds, medians; wall and CPU seconds.
 2. A Stable Diffusion-sized pipeline with random weights (CPU, at a small size): the SD 1.x UNet
    (channels 320/640/1280/1280, two layers a block, cross-attention width 768), its CLIP text
-   encoder (12 layers of width 768) and VAE (channels 128/256/512/512), at 128 x 128 pixels
-   (16 x 16 latents); ``--smoke``: the tiny test pipeline. Triage of one prompt (text encoding,
+   encoder (12 layers of width 768) and VAE (channels 128/256/512/512), at 64 x 64 pixels
+   (8 x 8 latents); ``--smoke``: the tiny test pipeline. Triage of one prompt (text encoding,
    one guided UNet call on 2 x 4 latents) against the 500-sample generation at 50 steps, built
    from its measured parts: ``ceil(500 / B) x (50 x one guided UNet call on 2B latents + a VAE
    decode of B latents)``, text encoding once. Random weights cost what trained ones cost.
@@ -111,8 +111,10 @@ def _sd_pipeline(smoke: bool):
         with torch.no_grad():
             for p in module.parameters():
                 p.normal_(0.0, 0.02, generator=gen)
-            for b in module.buffers():
-                if b.is_floating_point():
+            for name, b in module.named_buffers():
+                if name.endswith("position_ids"):
+                    b.copy_(torch.arange(b.shape[-1]).expand_as(b))
+                elif b.is_floating_point():
                     b.zero_()
         return module.eval()
 
@@ -122,18 +124,20 @@ def _sd_pipeline(smoke: bool):
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             sample_size=512)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                            num_attention_heads=12, max_position_embeddings=77, projection_dim=768))
-    unet, vae, text = materialise(unet), materialise(vae), materialise(text)
-    text.text_model.embeddings.position_ids = torch.arange(77).unsqueeze(0)
     with tempfile.TemporaryDirectory() as tmp:
         vocab, merges = write_tokenizer_files(tmp)
         tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
+    with torch.device("meta"):
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                            num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                            pad_token_id=tokenizer.pad_token_id))
+    unet, vae, text = materialise(unet), materialise(vae), materialise(text)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return pipe, 128
+    return pipe, 64
 
 
 def _stable_diffusion(smoke: bool) -> tuple[list[dict], dict]:
@@ -171,7 +175,7 @@ def _stable_diffusion(smoke: bool) -> tuple[list[dict], dict]:
             pipe.encode_prompt([prompt], "cpu", 1, True)
 
     med = _rounds({"triage": lambda: triage.score_batch(scorer, sched, [prompt], params),
-                   "unet_step": unet_call, "vae_decode": decode, "text": encode}, rounds=1 if smoke else 2)
+                   "unet_step": unet_call, "vae_decode": decode, "text": encode}, rounds=1)
     calls = math.ceil(TARGET / batch)
     gen_w = med["text"][0] + calls * (50 * med["unet_step"][0] + med["vae_decode"][0])
     gen_c = med["text"][1] + calls * (50 * med["unet_step"][1] + med["vae_decode"][1])
@@ -218,10 +222,12 @@ def main(smoke: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    columns = ["model", "variant", "s_per_prompt", "cpu_s_per_prompt", "ratio", "cpu_ratio"]
     demo_rows, demo_raw = _demo(smoke)
+    print_table(demo_rows, columns, title="demo model")
     sd_rows, sd_raw = _stable_diffusion(smoke)
     rows = demo_rows + sd_rows
-    print_table(rows, ["model", "variant", "s_per_prompt", "cpu_s_per_prompt", "ratio", "cpu_ratio"],
+    print_table(rows, columns,
                 title=f"Triage vs the {TARGET}-sample generation it replaces (seconds per prompt; ratio = generation / triage), "
                       f"{torch.get_num_threads()} torch threads")
     quality = _detection(smoke)
