@@ -4,6 +4,7 @@ model trained here that memorises some captions and not others, which triage mus
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -245,6 +246,8 @@ def test_models_without_an_unconditional_branch_are_refused_in_one_line(tmp_path
     assert_one_line_error(code, err, "cannot load", "check that the folder is complete")
     # a pipeline object that lacks its text encoder (built in code) gets its own sentence
     loaded = load_pipeline(str(tiny_text2image), "cpu")
+    with pytest.raises(ModelError, match="takes no guidance_scale"):
+        triage.scorer_for(dataclasses.replace(loaded, call_params=loaded.call_params - {"guidance_scale"}))
     loaded.pipeline.text_encoder = None
     with pytest.raises(ModelError, match="has no text encoder"):
         triage.scorer_for(loaded)
