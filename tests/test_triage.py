@@ -350,3 +350,19 @@ def test_triage_ranks_the_captions_a_tiny_model_memorised_first(tmp_path):
     report = triage.triage(ws, str(tmp_path / "m"), shared + memorised, triage.make_params(ws, sampling_steps=10), device="cpu")
     ranking = [r.prompt for r in triage.ranked(ws, report.run_id)]
     assert set(ranking[:4]) == set(memorised), ranking
+
+
+def test_a_workspace_from_a_newer_memaudit_is_refused_by_the_triage_commands(tmp_path, capsys, tiny_text2image):
+    import sqlite3
+
+    ws = _workspace(tmp_path)
+    con = sqlite3.connect(ws / "audit.db")
+    con.execute("INSERT INTO migrations(version, name, applied_at) VALUES (999, 'from the future', '2100-01-01')")
+    con.commit()
+    con.close()
+    before = snapshot(ws)
+    for argv in (["triage", "--model", tiny_text2image, "--prompts", _prompts(tmp_path)], ["triage-runs"],
+                 ["generate", "--model", tiny_text2image, "--prompts-from-triage", 1]):
+        code, _, err = run(capsys, argv[0], ws, *argv[1:])
+        assert_one_line_error(code, err, "newer memaudit (schema 999")
+    assert snapshot(ws) == before
