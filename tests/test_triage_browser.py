@@ -8,7 +8,7 @@ import os
 
 import pytest
 from servers import free_port, running_dashboard
-from test_browser import FLAGS, ROOT, browser, metric_value, page, settle, shoot  # noqa: F401 - fixtures
+from test_browser import ROOT, browser, metric_value, page, settle, shoot  # noqa: F401 - fixtures
 
 from core import audit, triage
 
