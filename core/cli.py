@@ -91,12 +91,84 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ws = _ws(args.workspace)
     s = ws.settings()
     opt = lambda name: s[name] if getattr(args, name) is None else config.check(name, getattr(args, name))  # noqa: E731
-    prompts = read_prompts(args.prompts) if args.prompts else None  # None: an unconditional model
+    if args.prompts and args.prompts_from_triage is not None:
+        raise MemauditError("give --prompts or --prompts-from-triage, not both")
+    if args.top is not None and args.prompts_from_triage is None:
+        raise MemauditError("--top picks prompts of a triage run; give --prompts-from-triage RUN with it")
+    bound = ""
+    if args.prompts_from_triage is not None:
+        from .triage import get_run, top_prompts
+
+        prompts = top_prompts(ws, args.prompts_from_triage, args.top)
+        scored = get_run(ws, args.prompts_from_triage).prompts
+        if len(prompts) < scored:
+            bound = (f"; these are the top {len(prompts)} of the {scored} prompts of triage run {args.prompts_from_triage}: "
+                     "the rest are not generated, so an audit of them is a lower bound on what the model memorised")
+    else:
+        prompts = read_prompts(args.prompts) if args.prompts else None  # None: an unconditional model
     report = generate(ws, args.model, prompts, opt("per_prompt"), steps=opt("steps"), guidance=opt("guidance"),
                       batch_size=opt("batch_size"), seed=opt("seed"), device=opt("device"))
     data = {k: getattr(report, k) for k in report.__dataclass_fields__}
     _emit(args, f"generated {report.generated} images for {len(prompts) if prompts else 1} prompts "
-                f"({report.skipped_existing} already in the workspace) in {report.seconds:.1f} s", data)
+                f"({report.skipped_existing} already in the workspace) in {report.seconds:.1f} s{bound}",
+          {**data, **({"note": bound[2:]} if bound else {})})
+
+
+def cmd_triage(args: argparse.Namespace) -> None:
+    from .generate import read_prompts
+    from .triage import make_params, ranked, triage, write_prompts
+
+    ws = _ws(args.workspace)
+    s = ws.settings()
+    prompts = read_prompts(args.prompts)
+    params = make_params(ws, method=args.triage_method, steps=args.triage_steps, samples=args.triage_samples,
+                         seed=args.seed, guidance=args.guidance, sampling_steps=args.steps)
+    batch = s["batch_size"] if args.batch_size is None else config.check("batch_size", args.batch_size)
+    device = s["device"] if args.device is None else args.device
+    report = triage(ws, args.model, prompts, params, batch_size=batch, device=device)
+    for note in report.notes:
+        print(f"memaudit: note: {note}", file=sys.stderr)
+    asked = set(prompts)
+    rows = [r for r in ranked(ws, report.run_id) if r.prompt in asked] if report.run_id is not None else []
+    written = None
+    if args.out:
+        if report.stopped:
+            raise MemauditError("triage stopped before every prompt was scored; rerun it before writing --out")
+        written = write_prompts(ws, report.run_id, args.out, args.top)
+    lines = [f"{i + 1:5d}  {r.score:10.4g}  {r.prompt}" for i, r in enumerate(rows)]
+    lines.append(f"triage run {report.run_id} ({params.method}, {params.steps} step(s), {params.samples} samples, seed {params.seed}): "
+                 f"scored {report.scored} prompts ({report.skipped_existing} already scored) in {report.seconds:.1f} s")
+    if written is not None:
+        lines.append(f"wrote the {written} highest-scoring prompts to {args.out}")
+    data = {"run_id": report.run_id, "parameters": params.to_dict(), "scored": report.scored,
+            "skipped_existing": report.skipped_existing, "seconds": report.seconds, "notes": report.notes,
+            "prompts": [{"rank": i + 1, "prompt": r.prompt, "score": r.score} for i, r in enumerate(rows)],
+            **({"written": written, "out": args.out} if written is not None else {})}
+    _emit(args, "\n".join(lines), data)
+
+
+def cmd_triage_runs(args: argparse.Namespace) -> None:
+    from .audit import latest_run
+    from .triage import list_runs, validate
+
+    ws = _ws(args.workspace)
+    audit_run = args.audit_run if args.audit_run is not None else latest_run(ws)
+    out, lines = [], []
+    for r in list_runs(ws):
+        p = r.params
+        entry: dict[str, Any] = {"id": r.id, "model": r.model_ref, "weights_hash": r.weights_hash, "prompts": r.prompts,
+                                 "parameters": p.to_dict(), "created_at": r.created_at}
+        line = (f"triage run {r.id}  {r.created_at}  {p.method} steps={p.steps} samples={p.samples} seed={p.seed}  "
+                f"{r.prompts} prompts  {r.model_ref}")
+        if audit_run is not None:
+            v = validate(ws, r.id, audit_run, args.verdict)
+            entry["validation"] = {"audit_run": v.audit_run, "verdict": v.verdict, "prompts": v.prompts,
+                                   "positives": v.positives, "auc": v.auc, "tpr_at_1pct_fpr": v.tpr_at_1pct_fpr,
+                                   "keep_all_threshold": v.keep_all_threshold, "keep_all_rank": v.keep_all_rank}
+            line += "\n    " + v.summary()
+        out.append(entry)
+        lines.append(line)
+    _emit(args, "\n".join(lines) or "no triage runs yet", {"runs": out})
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -288,6 +360,29 @@ def build_parser() -> argparse.ArgumentParser:
     for name, flag in (("per_prompt", "--per-prompt"), ("steps", None), ("guidance", None), ("batch_size", "--batch-size"),
                        ("seed", None), ("device", None)):
         _setting_flag(p, name, flag)
+
+    p.add_argument("--prompts-from-triage", type=int, metavar="RUN", help="take the prompts from this triage run, highest score first")
+    p.add_argument("--top", type=int, help="with --prompts-from-triage: only the N highest-scoring prompts")
+
+    p = add("triage", cmd_triage, "Score prompts for memorisation from a few denoising steps (no generation); "
+                                  "stores a triage run, resumable. Generate from the top ones afterwards.")
+    p.add_argument("workspace", help="workspace folder")
+    p.add_argument("--model", required=True, help="local diffusers directory, or a hub id (needs network)")
+    p.add_argument("--prompts", required=True, help="text file with one prompt per line")
+    _setting_flag(p, "triage_method", "--method")
+    _setting_flag(p, "triage_steps", "--steps")
+    _setting_flag(p, "triage_samples", "--samples")
+    for name, flag in (("seed", None), ("guidance", None), ("steps", "--sampling-steps"), ("batch_size", "--batch-size"),
+                       ("device", None)):
+        _setting_flag(p, name, flag)
+    p.add_argument("--out", help="also write the run's prompts, highest score first, to this file (a prompts file for generate)")
+    p.add_argument("--top", type=int, help="with --out: only the N highest-scoring prompts")
+
+    p = add("triage-runs", cmd_triage_runs, "List triage runs, each checked against an audit run's verdicts (AUC, TPR at 1% FPR, "
+                                            "the score that keeps every extracted prompt).")
+    p.add_argument("workspace", help="workspace folder")
+    p.add_argument("--audit-run", type=int, help="audit run to check against (default: the latest)")
+    p.add_argument("--verdict", choices=("extracted", "flagged"), default="extracted", help="what counts as memorised (default extracted)")
 
     p = add("import-generations", cmd_import, "Import generations made elsewhere from a manifest (CSV or JSONL: path,prompt[,seed]; paths relative to the manifest).")
     p.add_argument("workspace", help="workspace folder")

@@ -144,6 +144,16 @@ _SETTINGS = [
     Setting("seed", 0, int, "First seed: image j of every prompt uses seed + j.", 0, 2**63 - 1),
     Setting("device", "auto", str, "cuda, mps, cpu, or auto (the first available of those).",
             choices=("auto", "cuda", "mps", "cpu")),
+    # --- triage (core/triage.py): scoring prompts before generating ---
+    Setting("triage_method", "noise-norm", str,
+            "How triage scores a prompt: 'noise-norm' (Wen et al. 2024: magnitude of the text-conditional noise "
+            "prediction, eps(x_t, prompt) - eps(x_t, empty prompt)) or 'one-step' (Webster 2023: distance between "
+            "the one-step denoised sample and the starting noise).", choices=("noise-norm", "one-step")),
+    Setting("triage_steps", 1, int,
+            "Denoising steps triage scores, from the start of the sampling grid (Wen et al. report good separation "
+            "from the first step alone).", 1, 1000),
+    Setting("triage_samples", 4, int,
+            "Starting noises per prompt that triage averages over (sample j uses seed + j).", 1, 4096),
 ]
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in _SETTINGS}

@@ -2,9 +2,11 @@
 
 ``build_demo`` runs the ordinary pipeline, nothing special-cased: ingest the
 training set (``add_training``), generate for every caption through
-``generate`` on the CPU, and ``run_audit``. Reruns reuse what exists: the
-training set is not ingested twice, generation resumes, and the audit is reused
-when nothing changed since the last run.
+``generate`` on the CPU, ``run_audit``, and ``triage`` of every caption (scored
+against the audit's verdicts, so the demo shows how well the cheap score would have
+picked the prompts to generate for). Reruns reuse what exists: the training set is
+not ingested twice, generation and triage resume, and the audit is reused when
+nothing changed since the last run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .demo_data import DEMO_GUIDANCE, DEMO_PER_PROMPT, DEMO_STEPS
 DEMO_BATCH = 64
 DEMO_SEED = 0
 DEMO_AUDIT = {"edge_threshold": 0.1, "min_clique": 10, "grid": 4, "delta": 0.15}
+DEMO_TRIAGE = {"method": "noise-norm", "steps": 1, "samples": 4, "seed": 0}
 
 
 @dataclass
@@ -30,6 +33,7 @@ class DemoResult:
     seconds: dict[str, float]
     summary_counts: dict[str, Any]
     table: list[dict] = field(default_factory=list)
+    triage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def summary(self) -> str:
@@ -39,18 +43,20 @@ class DemoResult:
                  f"{c['extracted_training_images']} training images extracted",
                  "", "training duplicate count -> prompts / flagged / extracted"]
         lines += [f"  {r['k']:>4}  ->  {r['prompts']:3d} / {r['flagged']:3d} / {r['extracted']:3d}" for r in self.table]
+        if self.triage:
+            lines += ["", self.triage["summary"]]
         lines.append("")
         lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
         return {"workspace": str(self.workspace), "run_id": self.run_id, "seconds": self.seconds,
-                "counts": self.summary_counts, "figure5": self.table}
+                "counts": self.summary_counts, "figure5": self.table, "triage": self.triage}
 
 
 def build_demo(root: str | Path, *, progress: bool = True, per_prompt: int = DEMO_PER_PROMPT, steps: int = DEMO_STEPS,
                device: str = "cpu") -> DemoResult:
-    from . import audit
+    from . import audit, triage
     from .demo_data import DEMO_DATA_DIR, DEMO_MODEL_DIR, DEMO_PROMPTS
     from .generate import generate, read_prompts
     from .training import add_training
@@ -74,7 +80,18 @@ def build_demo(root: str | Path, *, progress: bool = True, per_prompt: int = DEM
     if run_id is None or report.generated > 0 or not _same_params(audit.run_params(ws, run_id), params):
         run_id = audit.run_audit(ws, params)
     seconds["audit"] = time.perf_counter() - t
-    return DemoResult(ws.root, run_id, seconds, audit.count_summary(ws, run_id), audit.caption_duplicate_table(ws, run_id))
+
+    t = time.perf_counter()
+    triage_params = triage.make_params(ws, guidance=DEMO_GUIDANCE, sampling_steps=steps, **DEMO_TRIAGE)
+    scored = triage.triage(ws, str(DEMO_MODEL_DIR), read_prompts(DEMO_PROMPTS), triage_params, batch_size=DEMO_BATCH, device=device)
+    check = triage.validate(ws, scored.run_id, run_id, "extracted")
+    seconds["triage"] = time.perf_counter() - t
+    triage_result = {"run_id": scored.run_id, "parameters": triage_params.to_dict(), "prompts": check.prompts,
+                     "extracted": check.positives, "auc": check.auc, "tpr_at_1pct_fpr": check.tpr_at_1pct_fpr,
+                     "keep_all_threshold": check.keep_all_threshold, "keep_all_rank": check.keep_all_rank,
+                     "summary": check.summary()}
+    return DemoResult(ws.root, run_id, seconds, audit.count_summary(ws, run_id), audit.caption_duplicate_table(ws, run_id),
+                      triage_result)
 
 
 def _same_params(a, b) -> bool:

@@ -1,4 +1,4 @@
-"""Export an audit run as JSON (everything) or CSV (one row per candidate)."""
+"""Export an audit run as JSON (everything, with the workspace's triage runs) or CSV (one row per candidate)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ CSV_COLUMNS = ("id", "prompt", "group_rank", "clique_size", "clique_exact", "mea
 
 
 def export_json(ws: Workspace, run_id: int | None = None) -> dict[str, Any]:
-    from . import audit, labels
+    from . import audit, labels, triage
 
     run_id = audit._require_run(ws, run_id)
     params = audit.run_params(ws, run_id)
@@ -49,7 +49,7 @@ def export_json(ws: Workspace, run_id: int | None = None) -> dict[str, Any]:
                "reviewer": e.reviewer, "label": e.label, "note": e.note, "created_at": e.created_at, "undoes": e.undoes}
               for e in labels.label_events(ws)]
     return {"run_id": run_id, "parameters": params.to_dict(), "summary": audit.count_summary(ws, run_id),
-            "prompts": prompts, "candidates": out_cands, "label_events": events}
+            "prompts": prompts, "candidates": out_cands, "label_events": events, "triage_runs": triage.export(ws)}
 
 
 def export_csv(ws: Workspace, run_id: int | None = None) -> str:

@@ -137,11 +137,11 @@ def clique_size_distribution(sizes: Sequence[int], *, min_clique: int | None = N
     return _layout(fig, title, "size of the largest clique", "prompts")
 
 
-def roc_curves(calibrations: Mapping[str, "Calibration"], *, max_fpr: float = 0.01) -> "go.Figure":
+def roc_curves(calibrations: Mapping[str, "Calibration"], *, max_fpr: float = 0.01,
+               title: str = "ROC against human labels") -> "go.Figure":
     """ROC per metric, with each curve's AUC and TPR at ``max_fpr`` in its legend entry."""
     import plotly.graph_objects as go
 
-    title = "ROC against human labels"
     if not calibrations:
         return _empty(title, "no labelled pairs yet")
     fig = go.Figure()
@@ -192,3 +192,29 @@ def precision_at_rank(precision: Sequence[float], *, title: str = "Precision of 
                                hovertemplate="top %{x}<br>precision %{y:.2f}<extra></extra>"))
     fig.update_yaxes(range=[0, 1.05])
     return _layout(fig, title, "candidates, most suspicious first", "precision")
+
+
+def triage_ranking(scores: Sequence[float], positive: Sequence[bool], *, threshold: float | None = None,
+                   verdict: str = "extracted") -> "go.Figure":
+    """Triage score against rank (1 = most suspicious), coloured by the audit's verdict, with the
+    score that keeps every positive prompt as a dashed line."""
+    import plotly.graph_objects as go
+
+    title = "Triage score by rank, coloured by the audit's verdict"
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positive, dtype=bool)
+    if s.size == 0:
+        return _empty(title, "no prompt has both a triage score and an audit verdict")
+    rank = np.arange(1, s.size + 1)
+    fig = go.Figure()
+    for mask, name, colour in ((y, verdict, POSITIVE_COLOUR), (~y, f"not {verdict}", NEGATIVE_COLOUR)):
+        fig.add_trace(go.Scatter(x=rank[mask], y=s[mask], mode="markers", name=f"{name} ({int(mask.sum())})",
+                                 marker=dict(color=colour, size=8, symbol="circle" if name == verdict else "circle-open"),
+                                 hovertemplate="rank %{x}<br>score %{y:.4g}<extra></extra>"))
+    if threshold is not None:
+        fig.add_hline(y=threshold, line_dash="dash", line_color="#333",
+                      annotation_text=f"keeps every {verdict} prompt: top {int((s >= threshold).sum())}",
+                      annotation_position="top right")
+    fig = _layout(fig, title, "rank by triage score", "triage score", height=360)
+    fig.update_layout(legend=dict(orientation="v", yanchor="top", y=0.98, xanchor="right", x=0.99))
+    return fig

@@ -130,6 +130,24 @@ ALTER TABLE candidates ADD COLUMN nearest_certified INTEGER;
 ALTER TABLE candidates ADD COLUMN nearest_lower REAL;
 ALTER TABLE candidates ADD COLUMN exact_distances INTEGER
 """),
+    ("triage runs", """
+CREATE TABLE triage_runs(
+  id INTEGER PRIMARY KEY,
+  model_id INTEGER NOT NULL REFERENCES models(id),
+  method TEXT NOT NULL,
+  params TEXT NOT NULL,            -- core.triage.TriageParams as sorted JSON: with the model, the run's identity
+  provenance TEXT NOT NULL,        -- weights hash, pipeline, scheduler, device, library versions
+  created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+  UNIQUE(model_id, method, params));
+CREATE TABLE triage_scores(
+  run_id INTEGER NOT NULL REFERENCES triage_runs(id) ON DELETE CASCADE,
+  prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+  score REAL NOT NULL,             -- higher: more likely memorised
+  note TEXT NOT NULL DEFAULT '',   -- e.g. the prompt was truncated to the text encoder's length
+  created_at TEXT NOT NULL,
+  PRIMARY KEY (run_id, prompt_id));
+CREATE INDEX triage_scores_rank ON triage_scores(run_id, score);
+"""),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -32,6 +32,7 @@ def pages() -> list[st.Page]:
     """The dashboard's pages (paths relative to app.py)."""
     return [
         st.Page("app_pages/overview.py", title="Overview", icon=":material/dashboard:", default=True),
+        st.Page("app_pages/triage.py", title="Triage", icon=":material/filter_list:"),
         st.Page("app_pages/generate.py", title="Generate", icon=":material/auto_awesome:"),
         st.Page("app_pages/cliques.py", title="Cliques", icon=":material/hub:"),
         st.Page("app_pages/review.py", title="Review", icon=":material/rate_review:"),

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "test-artifacts" / "screenshots"
 PAGES = {  # url path -> heading
     "": "Overview", "generate": "Generate", "cliques": "Cliques", "review": "Review",
-    "calibrate": "Calibrate", "training": "Training data", "export": "Export",
+    "calibrate": "Calibrate", "training": "Training data", "export": "Export", "triage": "Triage",
 }
 
 if not CHROMIUM.exists():

@@ -20,7 +20,7 @@ from dashboard_data import empty_workspace, ingested_copy, labelled_copy, unlabe
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "dashboard" / "app.py")
-PAGES = ("overview", "generate", "cliques", "review", "calibrate", "training", "export")
+PAGES = ("overview", "triage", "generate", "cliques", "review", "calibrate", "training", "export")
 
 
 def open_app(ws=None, page: str | None = None, path: str | None = None, **state) -> AppTest:

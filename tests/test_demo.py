@@ -29,9 +29,13 @@ def test_demo_flags_duplicated_images_and_not_novel_ones(tmp_path):
     assert all(r.best_l2 is not None and r.best_l2 < 0.1 for r in hundred)
     singles = by_level[1]
     assert sum(r.flagged for r in singles) <= len(singles) // 4, [r.prompt for r in singles if r.flagged]
-    # a rerun reuses everything: no new generations, the same audit run
+    # triage of every caption, checked against the audit (README: AUC 0.746, TPR 0.467 at 1% FPR)
+    t = result.triage
+    assert (t["prompts"], t["extracted"]) == (36, 15)
+    assert t["auc"] > 0.7 and t["tpr_at_1pct_fpr"] > 0.4, t
+    # a rerun reuses everything: no new generations, the same audit run, the same triage run
     again = build_demo(tmp_path / "demo", progress=False)
-    assert again.run_id == result.run_id
+    assert again.run_id == result.run_id and again.triage["run_id"] == t["run_id"]
 
 
 def test_demo_train_uses_the_shipped_recipe(monkeypatch):

@@ -1,5 +1,7 @@
 """Generate: sample images for a list of prompts in the background (core.generate.generate).
 
+The prompt list starts from the highest-scoring prompts of the latest triage run (core.triage)
+when the workspace has one, so the expensive sampling goes where memorisation is likely first.
 The job runs in a worker thread shared by every browser tab of this workspace; a cancelled or
 interrupted run resumes where it stopped when started again with the same settings (stored
 images are skipped, not redrawn)."""
@@ -8,12 +10,14 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import config, views
+from core import config, triage, views
 from core.store import Workspace
 from dashboard import ui
 
 PROMPTS_TEXT = "generate_prompts_text"
-SENT = "generate_prompts"  # set by the Training data page
+SENT = "generate_prompts"  # set by the Training data and Triage pages
+SOURCE = "generate_prompts_source"  # what the prompt list was filled from (shown while it is unchanged)
+START_TOP = 20  # prompts taken from the latest triage run on a first visit
 
 st.title("Generate")
 ws = ui.workspace()
@@ -21,9 +25,16 @@ settings = ws.settings()
 registry = ui.jobs()
 JOB = (str(ws.root), "generate")
 
+triage_runs = triage.list_runs(ws)
 if (sent := st.session_state.pop(SENT, None)) is not None:
     st.session_state[PROMPTS_TEXT] = "\n".join(sent)
-    st.toast(f"{len(sent)} captions from the training set are in the prompt list.")
+    st.toast(f"{len(sent)} prompts are in the prompt list.")
+elif PROMPTS_TEXT not in st.session_state and triage_runs:
+    latest = triage_runs[-1]
+    top = triage.top_prompts(ws, latest.id, START_TOP)
+    st.session_state[PROMPTS_TEXT] = "\n".join(top)
+    st.session_state[SOURCE] = (latest.id, len(top), latest.prompts, st.session_state[PROMPTS_TEXT])
+    st.session_state.setdefault("generate_model", latest.model_ref)
 
 
 def duration(seconds: float | None) -> str:
@@ -74,6 +85,14 @@ def fill_top(n: int) -> None:
 
     captions = [training.prompt_line(cap) for cap, _, _ in training.top_duplicated(ws, n)]
     st.session_state[PROMPTS_TEXT] = "\n".join(cap for cap in captions if cap)
+    st.session_state[SOURCE] = None
+
+
+def fill_triage(n: int) -> None:
+    latest = triage_runs[-1]
+    top = triage.top_prompts(ws, latest.id, n)
+    st.session_state[PROMPTS_TEXT] = "\n".join(top)
+    st.session_state[SOURCE] = (latest.id, len(top), latest.prompts, st.session_state[PROMPTS_TEXT])
 
 
 def fill_upload() -> None:
@@ -98,11 +117,18 @@ with left:
         st.pills("Models used in this workspace", known, key="generate_known", on_change=use_known)
     st.text_area("Prompts, one per line (leave empty for an unconditional model)", key=PROMPTS_TEXT, height=220,
                  persist_state="session")
-    src = st.columns([3, 2, 2], vertical_alignment="bottom")
+    source = st.session_state.get(SOURCE)
+    if source and source[3] == st.session_state.get(PROMPTS_TEXT):
+        st.caption(f"Starting from the {source[1]} highest-scoring of the {source[2]} prompts of triage run {source[0]} "
+                   f"(Triage page){': the rest are not generated, so an audit of these is a lower bound' if source[1] < source[2] else ''}.")
+    src = st.columns([5, 3, 3, 3], vertical_alignment="bottom")
     src[0].file_uploader("Or load a text file", type=["txt"], key="generate_upload", on_change=fill_upload)
-    top_n = src[1].number_input("Top-N captions", 1, 100_000, 20, key="generate_top_n", persist_state="session")
-    src[2].button("Use the N most duplicated", on_click=fill_top, args=(int(top_n),), key="generate_fill_top",
+    top_n = src[1].number_input("Or the top N", 1, 100_000, START_TOP, key="generate_top_n", persist_state="session")
+    src[2].button("most duplicated", width="stretch", on_click=fill_top, args=(int(top_n),), key="generate_fill_top",
                   help="Captions of the training images with the most near-duplicates (the paper's prompts).")
+    src[3].button("by triage score", width="stretch", on_click=fill_triage, args=(int(top_n),), key="generate_fill_triage",
+                  disabled=not triage_runs,
+                  help="The highest-scoring prompts of the latest triage run (`memaudit triage`): likely memorised first.")
 with right:
     d = config.SETTINGS
     per_prompt = st.number_input("Images per prompt", 1, 100_000, int(settings["per_prompt"]), key="generate_per_prompt",
