@@ -17,6 +17,19 @@ CSV_COLUMNS = ("id", "prompt", "group_rank", "clique_size", "mean_distance", "fl
 
 
 def export_json(ws: Workspace, run_id: int | None = None) -> dict[str, Any]:
+    """The audit run (default: the latest) with everything, plus every inpainting run (``inpainting_runs``).
+
+    A workspace holding inpainting runs and no audit run exports those alone (``run_id`` null).
+    """
+    from . import audit, inpaint
+
+    inpainting = inpaint.export_runs(ws)
+    if run_id is None and inpainting and audit.latest_run(ws) is None:
+        return {"run_id": None, "inpainting_runs": inpainting}
+    return {**_audit_json(ws, run_id), "inpainting_runs": inpainting}
+
+
+def _audit_json(ws: Workspace, run_id: int | None) -> dict[str, Any]:
     from . import audit, labels
 
     run_id = audit._require_run(ws, run_id)
@@ -53,7 +66,7 @@ def export_csv(ws: Workspace, run_id: int | None = None) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for c in data["candidates"]:
+    for c in data.get("candidates", []):
         row = dict(c)
         row["labels"] = ";".join(f"{r}={lab}" for r, lab in sorted(c["labels"].items()))
         row["prompt"] = "" if c["prompt"] is None else c["prompt"]
