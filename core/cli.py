@@ -34,7 +34,7 @@ def _emit(args: argparse.Namespace, summary: str, data: dict[str, Any]) -> None:
         print(summary)
 
 
-def _progress_printer(enabled: bool) -> Callable[[str, int, int], None] | None:
+def _progress_printer(enabled: bool, unit: str = "prompt") -> Callable[[str, int, int], None] | None:
     if not enabled:
         return None
     from tqdm import tqdm
@@ -44,7 +44,7 @@ def _progress_printer(enabled: bool) -> Callable[[str, int, int], None] | None:
     def progress(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="prompt", leave=False, file=sys.stderr)
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit=unit, leave=False, file=sys.stderr)
         bar.n = done
         bar.refresh()
         if done >= total:
@@ -139,7 +139,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     from .inpaint import run_inpainting, summary
 
     ws = _ws(args.workspace)
-    progress = _progress_printer(not args.json)
+    progress = _progress_printer(not args.json, unit="image")
     try:
         report = run_inpainting(ws, args.model, args.images, args.nonmembers, mask=args.inpaint_mask,
                                 samples=args.inpaint_samples, steps=args.inpaint_steps, seed=args.seed,

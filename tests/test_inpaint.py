@@ -281,3 +281,26 @@ def test_core_raises_user_errors_not_bugs(tmp_path, tiny_unconditional, tiny_cla
     Image.new("RGB", (20, 16)).save(wide / "w.png")
     with pytest.raises(ImageError, match="not square"):
         inpaint.run_inpainting(ws, str(tiny_unconditional), wide, device="cpu")
+
+
+# ---------------------------------------------------------------------------- the demo step
+def test_the_demo_step_samples_members_and_non_members_and_skips_without_the_digits(tmp_path, tiny_unconditional):
+    from core.demo import demo_inpainting
+
+    ws = Workspace.init(tmp_path / "ws")
+    notes: list[str] = []
+    assert demo_inpainting(ws, tmp_path / "digits", notes=notes) is None
+    assert len(notes) == 1 and "inpainting skipped" in notes[0] and inpaint.list_runs(ws) == []
+
+    digits = tmp_path / "digits"   # the layout the digits demo ships: members/, nonmembers/, split.csv, model/
+    random_images(digits / "members", 4, seed=1)
+    random_images(digits / "nonmembers", 4, seed=2)
+    shutil.copytree(tiny_unconditional, digits / "model")
+    with open(digits / "split.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "member", "label"])
+        for i in range(4):
+            w.writerows([[f"members/img-{i}.png", 1, i], [f"nonmembers/img-{i}.png", 0, i]])
+    s = demo_inpainting(ws, digits, per_group=3, steps=2)
+    assert (s["members"], s["nonmembers"], s["mask"]) == (3, 3, "left")
+    assert demo_inpainting(ws, digits, per_group=3, steps=2)["run_id"] == s["run_id"]   # a rerun reuses the run
