@@ -559,22 +559,6 @@ def ranked(images: Sequence[InpaintImage], order: str = "gap") -> list[tuple[Inp
     return sorted(pairs, key=lambda p: -p[1])
 
 
-MASK_SHADE = (128, 128, 128)  # how the masked input shows the region the model had to reconstruct
-
-
-def masked_input(ws: Workspace, image_path: str, mask_path: str, min_side: int = 0) -> np.ndarray:
-    """What the model was given: the stored original with the masked region painted grey, uint8 (H, W, 3),
-    enlarged with nearest neighbour to at least ``min_side``."""
-    from .views import upscale_nearest
-
-    img = np.array(load_image(ws.resolve(image_path)), dtype=np.uint8)
-    mask = np.asarray(load_image(ws.resolve(mask_path)).convert("L")) >= 128
-    if mask.shape != img.shape[:2]:
-        raise ImageError(f"{mask_path} is not the size of {image_path}; the run's files were changed")
-    img[mask] = MASK_SHADE
-    return upscale_nearest(img, min_side)
-
-
 def export_runs(ws: Workspace) -> list[dict[str, Any]]:
     """Every finished run, for ``memaudit export``: parameters, summary and per image distances and files."""
     out = []

@@ -151,6 +151,21 @@ def show_image(ws: Workspace, relpath: str, width: int, caption: str | None = No
     st.image(arr, width="stretch" if fill else width, caption=caption, output_format="PNG")  # lossless: copies are judged on pixels
 
 
+@st.cache_data(show_spinner=False, max_entries=2000)
+def _masked(root: str, image_path: str, mask_path: str, min_side: int) -> np.ndarray:
+    return views.masked_input(Workspace(root), image_path, mask_path, min_side)
+
+
+def show_masked_input(ws: Workspace, image_path: str, mask_path: str, width: int, caption: str | None = None) -> None:
+    """An inpainting run's input (the original with the masked region grey) at ``width`` CSS pixels."""
+    try:
+        arr = _masked(str(ws.root), image_path, mask_path, width)
+    except MemauditError as e:
+        st.warning(str(e))
+        return
+    st.image(arr, width=width, caption=caption, output_format="PNG")
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "–"

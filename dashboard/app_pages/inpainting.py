@@ -153,7 +153,7 @@ for im, gap in inpaint.ranked(images, order)[: int(limit)]:
     with cols[0]:
         ui.show_image(ws, im.path, SIDE, caption="original")
     with cols[1]:
-        st.image(inpaint.masked_input(ws, im.path, run.mask_path, SIDE), width=SIDE, caption="masked input")
+        ui.show_masked_input(ws, im.path, run.mask_path, SIDE, caption="masked input")
     for col, s in zip(cols[2:], sorted(im.samples, key=lambda s: (s["sample"] != im.chosen_sample, s["distance"]))):
         with col:
             tag = "chosen" if s["sample"] == im.chosen_sample else f"#{s['sample']}"
