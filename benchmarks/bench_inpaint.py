@@ -18,7 +18,9 @@ after one warm-up call of each:
   checks, RePaint, ranking, distances, PNG files and rows) for B/8 images x 8 completions.
 
 Reported: seconds per image per completion and the ratio to plain sampling (ratio <= 1 would be
-no slower; RePaint is expected near 1, the end-to-end run adds the ranking loss and storage).
+no slower; RePaint is expected near 1, the end-to-end run adds the ranking loss and storage), in
+wall-clock and in the process's CPU seconds (``time.process_time``): on a shared machine the CPU
+figures are the steadier ones.
 
     python -m benchmarks.bench_inpaint [--smoke]
 """
@@ -35,7 +37,8 @@ from benchmarks.common import cli, print_table, write_json
 
 STEPS = 20
 SAMPLES = 8
-COLUMNS = ["batch", "variant", "median_s", "s_per_image_per_sample", "ratio_to_plain", "cpu_s"]
+COLUMNS = ["batch", "variant", "median_s", "s_per_image_per_sample", "ratio_to_plain", "cpu_s", "cpu_s_per_image_per_sample",
+           "cpu_ratio_to_plain"]
 GPU_VARIANT = [
     "the same variants on CUDA in float16 (load_pipeline's default there) and float32, same seeds: seconds per "
     "image per completion, and the RePaint/plain ratio (the known region's CPU noise draws are moved to the GPU "
@@ -144,10 +147,12 @@ def main(smoke: bool = False) -> dict:
             med = {n: statistics.median(v) for n, v in wall.items()}
             completions = {n: (max(1, b // SAMPLES) * min(b, SAMPLES) if n == "run_inpainting end to end" else b) for n in med}
             per = {n: med[n] / completions[n] for n in med}
+            per_cpu = {n: statistics.median(cpu[n]) / completions[n] for n in med}
             for name, _ in variants:
                 rows.append({"batch": b, "variant": name, "median_s": med[name], "s_per_image_per_sample": per[name],
-                             "ratio_to_plain": per[name] / per["plain sampling"],
-                             "cpu_s": statistics.median(cpu[name]), "rounds": rounds})
+                             "ratio_to_plain": per[name] / per["plain sampling"], "cpu_s": statistics.median(cpu[name]),
+                             "cpu_s_per_image_per_sample": per_cpu[name],
+                             "cpu_ratio_to_plain": per_cpu[name] / per_cpu["plain sampling"], "rounds": rounds})
         print(f"model: {note}; {params:,} UNet parameters; {size} x {size}; {steps} DDIM steps; float32 CPU, "
               f"{torch.get_num_threads()} torch threads; ranking loss at timesteps {ts} x 2 draws; medians of {rounds} rounds")
         print_table(rows, COLUMNS, title="seconds per image per completion (ratio_to_plain: against sampling as many images)")
