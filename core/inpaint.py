@@ -23,7 +23,9 @@ Members (``--images``, or a manifest's ``member`` column) are compared with non-
 paper's finding is that members are reconstructed far better.
 
 Models: a pixel-space UNet with a DDPM or DDIM scheduler (DDPMPipeline, DDIMPipeline,
-memaudit's CaptionConditionedPipeline) goes through RePaint (core.repaint); a diffusers
+memaudit's CaptionConditionedPipeline) goes through RePaint (core.repaint); with another
+scheduler (PNDM, DPM-Solver...) RePaint samples with DDIM on the model's own noise schedule and
+prediction type, recorded as the run's ``sampler``; a diffusers
 inpainting pipeline (one taking ``image`` and ``mask_image``) is called as it is, and its
 completions get no model-chosen distance (its loss would need its latent space and masked-input
 UNet; the run says so). A latent model that is not an inpainting pipeline is refused.
@@ -248,6 +250,7 @@ class _Model:
     steps: int
     class_label: int | None
     condition: str | None      # caption used (CaptionConditionedPipeline), None otherwise
+    scheduler: Any = None      # the RePaint sampler: the model's DDPM/DDIM scheduler, else DDIM on its noise schedule
 
 
 def _load_model(ref: str, device: str, steps: int) -> _Model:
@@ -274,6 +277,10 @@ def _load_model(ref: str, device: str, steps: int) -> _Model:
     from .repaint import check_prediction_type
 
     check_prediction_type(scheduler)
+    if type(scheduler).__name__ not in ("DDPMScheduler", "DDIMScheduler"):
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(scheduler.config)  # same betas and prediction type, the DDIM update
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     class_label, condition = None, None
     if cfg.num_class_embeds is not None:
@@ -284,7 +291,8 @@ def _load_model(ref: str, device: str, steps: int) -> _Model:
         condition = vocabulary[1] if len(vocabulary) == 2 else ""
         class_label = vocabulary.index(condition)
     default_steps = int(getattr(pipe.config, "default_steps", 0) or DEFAULT_STEPS)
-    return _Model(loaded, "repaint", int(size), int(cfg.in_channels), steps or default_steps, class_label, condition)
+    return _Model(loaded, "repaint", int(size), int(cfg.in_channels), steps or default_steps, class_label, condition,
+                  scheduler)
 
 
 def _score_timesteps(scheduler: Any, steps: int, max_t: float) -> list[int]:
@@ -322,7 +330,7 @@ def _complete(model: _Model, originals: np.ndarray, mask: np.ndarray, seeds: Seq
     known = torch.from_numpy(originals).permute(0, 3, 1, 2).to(device=device, dtype=torch.float32) / 127.5 - 1
     m = torch.from_numpy(mask[None, None].astype(np.float32)).to(device)
     labels = None if model.class_label is None else torch.full((len(seeds),), model.class_label, dtype=torch.long, device=device)
-    x = repaint(pipe.unet, pipe.scheduler, known.to(dtype), m.to(dtype), gens, model.steps, labels)
+    x = repaint(pipe.unet, model.scheduler, known.to(dtype), m.to(dtype), gens, model.steps, labels)
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -339,7 +347,7 @@ def _losses(model: _Model, completions: np.ndarray, timesteps: list[int], draws:
     noises = torch.randn((draws, c, model.size, model.size), generator=g)
     x = torch.from_numpy(completions).permute(0, 3, 1, 2).to(device=device, dtype=torch.float32) / 127.5 - 1
     labels = None if model.class_label is None else torch.full((len(x),), model.class_label, dtype=torch.long, device=device)
-    return denoising_loss(pipe.unet, pipe.scheduler, x.to(pipe.unet.dtype), timesteps, noises.to(device, pipe.unet.dtype),
+    return denoising_loss(pipe.unet, model.scheduler, x.to(pipe.unet.dtype), timesteps, noises.to(device, pipe.unet.dtype),
                           labels).cpu().numpy()
 
 
@@ -371,7 +379,7 @@ def run_inpainting(ws: Workspace, model_ref: str, images: str | Path, nonmembers
     model = _load_model(model_ref, v["device"], v["inpaint_steps"])
     the_mask = load_mask(v["inpaint_mask"], model.size)
     originals = [_prepare(it.source, model.size, model.channels) for it in items]
-    timesteps = (_score_timesteps(model.loaded.pipeline.scheduler, model.steps, v["inpaint_score_max_t"])
+    timesteps = (_score_timesteps(model.scheduler, model.steps, v["inpaint_score_max_t"])
                  if model.mode == "repaint" else [])
     mask_label = v["inpaint_mask"] if v["inpaint_mask"] in NAMED_MASKS else str(Path(v["inpaint_mask"]).resolve())
 
@@ -380,7 +388,9 @@ def run_inpainting(ws: Workspace, model_ref: str, images: str | Path, nonmembers
     from . import __version__
     loaded = model.loaded
     params = {"model": loaded.ref, "weights_hash": loaded.weights_hash, "pipeline_class": loaded.pipeline_class,
-              "scheduler": loaded.scheduler, "method": model.mode, "mask": mask_label, "size": model.size,
+              "scheduler": loaded.scheduler, "method": model.mode,
+              "sampler": type(model.scheduler).__name__ if model.scheduler is not None else None,
+              "mask": mask_label, "size": model.size,
               "samples": n_samples, "steps": model.steps, "seed": v["seed"], "condition": model.condition,
               "score": ({"timesteps": timesteps, "draws": v["inpaint_score_draws"], "seed": v["seed"]}
                         if model.mode == "repaint" else None),

@@ -129,6 +129,19 @@ def test_a_stored_run_keeps_known_pixels_and_records_every_completion(tmp_path, 
     assert [i.distance_best for i in inpaint.run_images(ws, again.run_id)] == [i.distance_best for i in images]
 
 
+def test_a_model_saved_with_another_scheduler_is_sampled_with_ddim_on_its_schedule(tmp_path, tiny_unconditional):
+    from diffusers import DDPMPipeline, PNDMScheduler
+
+    pipe = DDPMPipeline.from_pretrained(tiny_unconditional)
+    DDPMPipeline(unet=pipe.unet, scheduler=PNDMScheduler.from_config(pipe.scheduler.config)).save_pretrained(tmp_path / "pndm")
+    ws = Workspace.init(tmp_path / "ws")
+    report = inpaint.run_inpainting(ws, str(tmp_path / "pndm"), random_images(tmp_path / "m", 1), samples=2, steps=3,
+                                    device="cpu")
+    run = inpaint.get_run(ws, report.run_id)
+    assert (run.params["scheduler"], run.params["sampler"]) == ("PNDMScheduler", "DDIMScheduler")
+    assert all(len(i.samples) == 2 for i in inpaint.run_images(ws, report.run_id))
+
+
 def test_a_cancelled_run_keeps_nothing(tmp_path, tiny_unconditional):
     ws = Workspace.init(tmp_path / "ws")
     random_images(tmp_path / "m", 3)
