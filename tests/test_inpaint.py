@@ -153,10 +153,15 @@ def test_a_cancelled_run_keeps_nothing(tmp_path, tiny_unconditional):
     assert inpaint.list_runs(ws) == [] and snapshot(ws.root)[1] == before
 
 
-def test_a_diffusers_inpainting_pipeline_is_called_as_it_is(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_inpainting(tmp_path_factory):
     from tiny_models import build_text2image
 
-    model = build_text2image(tmp_path / "sd-inpaint", inpainting=True)
+    return build_text2image(tmp_path_factory.mktemp("sd-inpaint") / "model", inpainting=True)
+
+
+def test_a_diffusers_inpainting_pipeline_is_called_as_it_is(tmp_path, tiny_inpainting):
+    model = tiny_inpainting
     ws = Workspace.init(tmp_path / "ws")
     random_images(tmp_path / "m", 2)
     report = inpaint.run_inpainting(ws, str(model), tmp_path / "m", samples=2, steps=2, device="cpu")
