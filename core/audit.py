@@ -5,11 +5,18 @@ For every prompt of the workspace::
     decode its generations at the working resolution
     D = pairwise tiled L2 between them                       (cached)
     groups = clique groups of the graph D <= tau            (largest first)
-    for every generation: nearest training images by embedding, then exact
-        normalised and tiled L2 to each                      (cached)
+    for every generation: its nearest training image in the whole training set, certified
+        (core.nearest: pooled-pixel lower bounds, exact distances until no
+        unmeasured image can be nearer), and exact tiled L2 to the shown neighbours (cached)
     for every group: the medoid's nearest training image; extracted when l2 <= delta
     the largest clique's size and medoid at every tau of a grid (cached),
         so that moving a threshold recounts without computing a distance
+
+Where a search budget stops a search, the answer says so instead of passing for exact:
+a clique whose search ran out of ``clique_node_budget`` is stored with ``clique_exact``
+false (its size is a lower bound), a nearest neighbour whose search ran out of
+``nearest_budget`` with ``nearest_certified`` false (and a lower bound of the true
+nearest distance).
 
 Distances, curves and the neighbours' tiled L2 are cached for the run's tile grid G and
 for every grid of the ``grid_choices`` setting that divides the working size (one pass of
@@ -40,8 +47,10 @@ from .errors import InputError, MemauditError
 from .records import AuditParams, Candidate, Generation, TrainingImage
 from .store import Workspace, now
 
-# The tau grid on which the largest clique is precomputed for live re-thresholding.
-TAU_GRID = np.round(np.arange(0.0, 0.3 + 1e-9, 0.005), 4)
+# The tau grid on which the largest clique is precomputed for live re-thresholding (each run
+# adds its own tau, see ``run_taus``); edge_threshold cannot exceed its last value.
+TAU_GRID = np.round(np.arange(0.0, config.TAU_MAX + 1e-9, config.TAU_STEP), 4)
+UNCONDITIONAL_CANDIDATES = 100  # candidates stored per unconditional prompt beyond those extracted
 
 Progress = Callable[[str, int, int], None]
 
@@ -66,6 +75,8 @@ class PromptRow:
     extracted: bool
     mean_distance: float | None
     best_l2: float | None  # the largest clique medoid's nearest training l2
+    clique_exact: bool = True  # False: the largest clique's size is a lower bound (search budget)
+    nearest_certified: bool = True  # False: best_l2 is the best found, not certainly the nearest
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,8 @@ class Recount:
     flagged: int
     extracted: int
     prompts: list[PromptRow]
+    clique_bounds: int = 0  # prompts whose largest clique at this tau is a lower bound
+    uncertain: int = 0  # flagged prompts whose verdict an uncertified nearest neighbour could change
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,9 @@ class GroupView:
     medoid: Generation
     mean_distance: float
     neighbours: list[NeighbourView] = field(default_factory=list)
+    exact: bool = True  # False: the clique search hit its budget; a larger clique may exist
+    nearest_certified: bool = True  # the medoid's first neighbour is certainly its nearest training image
+    nearest_lower: float = 0.0  # a lower bound of the medoid's true nearest distance
 
     @property
     def size(self) -> int:
@@ -110,6 +126,11 @@ def params_from(ws: Workspace, **overrides: object) -> AuditParams:
             s[name] = config.check(name, value)
     fields = AuditParams.__dataclass_fields__
     return AuditParams(**{name: s[name] for name in fields})
+
+
+def run_taus(params: AuditParams) -> np.ndarray:
+    """The taus a run's curves cover: TAU_GRID and the run's own edge threshold."""
+    return np.unique(np.append(TAU_GRID, np.float64(params.edge_threshold)))
 
 
 def cached_grids(size: int, params: AuditParams) -> list[int]:
@@ -200,22 +221,6 @@ def _decode(ws: Workspace, paths: list[str], size: int, workers: int = 4) -> np.
     return out
 
 
-class _TrainingPixels:
-    """Training images at the working resolution, decoded once per audit."""
-
-    def __init__(self, ws: Workspace, size: int, rows: dict[int, TrainingImage]):
-        self.ws, self.size, self.rows = ws, size, rows
-        self._cache: dict[int, np.ndarray] = {}
-
-    def get(self, ids: np.ndarray) -> np.ndarray:
-        missing = [int(i) for i in np.unique(ids) if int(i) not in self._cache]
-        if missing:
-            arr = _decode(self.ws, [self.rows[i].path for i in missing], self.size)
-            for i, a in zip(missing, arr):
-                self._cache[i] = a
-        return np.stack([self._cache[int(i)] for i in ids.reshape(-1)]).reshape(*ids.shape, self.size, self.size, 3)
-
-
 # ---------------------------------------------------------------------------- the run
 def _lap(timings: dict[str, float] | None, stage: str, start: float) -> float:
     """Add the seconds since ``start`` to ``timings[stage]`` (when timings is a dict); return the clock now."""
@@ -235,8 +240,7 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
     clock = time.perf_counter()
     from .cliques import clique_groups
     from .distances import check_grid, pairwise_tiled_l2_grids
-    from .embed import get_embedder
-    from .index import TrainingIndex
+    from .nearest import TrainingPyramid, certified_nearest
 
     params = params or params_from(ws)
     size = _working_size(ws, params.working_size)
@@ -250,13 +254,14 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
 
     settings = ws.settings()
     budget = int(settings["clique_node_budget"])
-    embedder = get_embedder(params.embedder, settings)
-    index = TrainingIndex.open(ws, params.embedder, embedder=embedder)
-    pixels = _TrainingPixels(ws, size, training)
-    # text prompts need only the `neighbours` nearest; the relative-L2 denominator of unconditional
-    # generations averages over the relative_n nearest
-    k_text = min(len(training), params.neighbours)
-    k_unconditional = min(len(training), max(params.neighbours, params.relative_n))
+    similarity = _Similarity(ws, params.embedder, settings)
+    pyramid = TrainingPyramid.load(ws, size, {i: t.path for i, t in training.items()})
+    # text prompts: the nearest is certified, `neighbours` shown; the relative-L2 denominator of
+    # unconditional generations averages over the relative_n nearest, all certified
+    k_show = min(len(training), params.neighbours)
+    k_relative = min(len(training), params.relative_n)
+    taus = run_taus(params)
+    t_run = int(np.searchsorted(taus, params.edge_threshold))
 
     clock = _lap(timings, "setup", clock)
     remove_abandoned_runs(ws)
@@ -270,10 +275,10 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
     prompt_ids = sorted(by_prompt)
     sizes = sorted(len(by_prompt[pid]) for pid in prompt_ids if by_prompt[pid][0].prompt is not None)
     workers = curve_workers(settings["audit_workers"], len(sizes) * len(grids), sizes[len(sizes) // 2] if sizes else 0)
-    curves = _Curves((len(grids), len(prompt_ids), len(TAU_GRID)), workers, budget)
+    curves = _Curves((len(grids), len(prompt_ids), len(taus)), workers, budget, taus)
     try:
         all_gen_ids: list[int] = []
-        nn_ids, nn_l2, nn_sim, nn_rel = [], [], [], []
+        nn_ids, nn_l2, nn_sim, nn_rel, nn_cert, nn_lower, nn_exact = [], [], [], [], [], [], []
         nn_tiled: dict[int, list[np.ndarray]] = {g: [] for g in grids}
         results = []
 
@@ -287,18 +292,21 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
             base = len(all_gen_ids)
             all_gen_ids.extend(g.id for g in gens)
 
-            # nearest training images of every generation: retrieval, then exact distances
-            ids, sim = _retrieve(embedder, index, images, k_unconditional if gens[0].prompt is None else k_text)
-            clock = _lap(timings, "retrieve", clock)
-            l2, tiled_by_grid = _exact_to_training(images, ids, pixels, grids)
-            order = np.argsort(l2, axis=1, kind="stable")
-            ids, sim, l2 = (np.take_along_axis(v, order, 1) for v in (ids, sim, l2))
-            tiled_by_grid = {g: np.take_along_axis(v, order, 1) for g, v in tiled_by_grid.items()}
+            # nearest training images of every generation, certified over the whole training set
+            unconditional = gens[0].prompt is None
+            near = certified_nearest(images, pyramid, k_relative if unconditional else 1,
+                                     show=max(k_show, k_relative) if unconditional else k_show,
+                                     budget=params.nearest_budget)
+            ids, l2 = near.ids, near.l2
+            clock = _lap(timings, "nearest", clock)
+            sim = similarity(images, ids, near.pooled)
+            tiled_by_grid = _tiled_to_training(images, ids, pyramid, grids)
             tiled = tiled_by_grid[params.grid]
             n_rel = min(params.relative_n, l2.shape[1])
             rel = l2[:, 0] / np.maximum(params.relative_alpha * l2[:, :n_rel].mean(axis=1), 1e-12)
             keep = min(params.neighbours, l2.shape[1])
             nn_ids.append(ids[:, :keep]); nn_l2.append(l2[:, :keep]); nn_sim.append(sim[:, :keep]); nn_rel.append(rel)
+            nn_cert.append(near.certified); nn_lower.append(near.lower); nn_exact.append(near.exact_count)
             for g in grids:
                 nn_tiled[g].append(tiled_by_grid[g][:, :keep])
             clock = _lap(timings, "exact_neighbours", clock)
@@ -315,13 +323,16 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
                 clock = _lap(timings, "save_cache", clock)
                 # the largest clique is always kept (even of size 1: every prompt gets a candidate, so
                 # Figure 5 can attribute it); further groups only down to group_min_size
-                groups = clique_groups(dist, params.edge_threshold, 1, params.max_groups, budget=budget, on_budget="best")
+                groups = clique_groups(dist, params.edge_threshold, 1, params.max_groups, budget=budget, on_budget="mark")
                 groups = groups[:1] + [g for g in groups[1:] if g.size >= params.group_min_size]
                 clock = _lap(timings, "cliques", clock)
                 for gi, g in enumerate(grids):
                     curves.add(gi, p_index, base, by_grid[g], cache / _distance_file(pid, g, params.grid))
+                # at the run's own tau and grid the curve holds the run's own largest clique, so that a
+                # recount at the run's thresholds gives the run's counts exactly
+                curves.pin(grids.index(params.grid), p_index, t_run, base, groups[0])
                 clock = _lap(timings, "curve", clock)
-            results.append((pid, gens, groups, base, l2, tiled, rel, ids, sim))
+            results.append((pid, gens, groups, base, l2, tiled, rel, ids, sim, near))
 
         clock = time.perf_counter()
         curves.finish()
@@ -335,8 +346,11 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
             np.save(cache / _tiled_file(g, params.grid), np.concatenate(nn_tiled[g]) if nn_tiled[g] else empty_f)
         np.save(cache / "nn_sim.npy", np.concatenate(nn_sim) if nn_sim else empty_f)
         np.save(cache / "nn_rel.npy", np.concatenate(nn_rel) if nn_rel else np.zeros(0, np.float32))
-        np.savez(cache / "curves.npz", taus=TAU_GRID, prompt_ids=np.asarray(prompt_ids, np.int64), grids=np.asarray(grids, np.int64),
-                 size=curves.size, medoid=curves.medoid, mean=curves.mean)
+        np.save(cache / "nn_certified.npy", np.concatenate(nn_cert) if nn_cert else np.zeros(0, bool))
+        np.save(cache / "nn_lower.npy", np.concatenate(nn_lower) if nn_lower else np.zeros(0, np.float32))
+        np.save(cache / "nn_exact.npy", np.concatenate(nn_exact) if nn_exact else np.zeros(0, np.int32))
+        np.savez(cache / "curves.npz", taus=taus, prompt_ids=np.asarray(prompt_ids, np.int64), grids=np.asarray(grids, np.int64),
+                 size=curves.size, medoid=curves.medoid, mean=curves.mean, exact=curves.exact)
         clock = _lap(timings, "save_cache", clock)
 
         _store_results(ws, run_id, params, results)
@@ -415,17 +429,30 @@ def remove_abandoned_runs(ws: Workspace) -> list[int]:
     return removed
 
 
-def _retrieve(embedder, index, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest training ids by embedding, with a similarity in [-1, 1] (cosine) or 1 - distance (pixel)."""
-    queries = embedder.embed(images)
-    ids, scores = index.search(queries, k)
-    sim = scores if embedder.metric == "cosine" else 1.0 - scores
-    return np.asarray(ids, np.int64), np.asarray(sim, np.float32)
+class _Similarity:
+    """The neighbours' similarity column: cosine of open_clip embeddings for the 'clip' embedder,
+    1 - the normalised L2 of the pooled pixels for 'pixel'. Shown beside the exact distances;
+    no verdict depends on it."""
+
+    def __init__(self, ws: Workspace, name: str, settings: dict):
+        self.index = None
+        if name == "clip":
+            from .embed import get_embedder
+            from .index import TrainingIndex
+
+            self.index = TrainingIndex.open(ws, name, embedder=get_embedder(name, settings))
+
+    def __call__(self, images: np.ndarray, ids: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+        if self.index is None:
+            return (1.0 - pooled).astype(np.float32)
+        queries = self.index.embedder.embed(images).astype(np.float64)
+        rows = np.searchsorted(self.index.ids, ids)
+        vectors = np.asarray(self.index.vectors, dtype=np.float64)[rows]  # (Q, k, dim)
+        return np.einsum("qd,qkd->qk", queries, vectors).astype(np.float32)
 
 
-def _exact_to_training(images: np.ndarray, ids: np.ndarray, pixels: _TrainingPixels,
-                       grids: list[int]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """Exact normalised L2 and tiled L2 (at every grid) between each generation and each of its retrieved training images.
+def _tiled_to_training(images: np.ndarray, ids: np.ndarray, pyramid, grids: list[int]) -> dict[int, np.ndarray]:
+    """Exact tiled L2 (at every grid) between each generation and each of its nearest training images.
 
     Each distinct training image is decoded once and the pairs are indexed, so neither side is
     repeated in memory (500 generations x 50 neighbours at 512 x 512 would otherwise need 118 GB).
@@ -434,32 +461,36 @@ def _exact_to_training(images: np.ndarray, ids: np.ndarray, pixels: _TrainingPix
 
     n, k = ids.shape
     unique, inverse = np.unique(ids, return_inverse=True)
-    train = pixels.get(unique)
-    l2, tiled = paired_distances_grids(images, train, grids, ia=np.repeat(np.arange(n), k), ib=inverse.reshape(-1))
-    return (np.asarray(l2, dtype=np.float32).reshape(n, k),
-            {g: np.asarray(t, dtype=np.float32).reshape(n, k) for g, t in tiled.items()})
+    train = pyramid.pixels(unique)
+    _, tiled = paired_distances_grids(images, train, grids, ia=np.repeat(np.arange(n), k), ib=inverse.reshape(-1))
+    return {g: np.asarray(t, dtype=np.float32).reshape(n, k) for g, t in tiled.items()}
 
 
-def tau_curve(dist: np.ndarray, budget: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Largest clique size, its medoid (row of ``dist``) and mean distance at every tau of TAU_GRID.
+def tau_curve(dist: np.ndarray, budget: int | None = None, taus: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Largest clique size, its medoid (row of ``dist``), mean distance and exactness at every tau
+    of ``taus`` (default TAU_GRID).
 
-    The size is a non-decreasing step function of tau (``largest_clique_curve`` solves each
-    distinct graph once). Within a run of taus of equal size, the maximum clique found at the
-    run's first tau stays a clique (raising tau only adds edges) and stays maximum, so it is
-    solved once per run and its medoid and mean distance are kept for the whole run.
+    The size is a non-decreasing step function of tau (``clique_curve`` solves each distinct
+    graph once, each with its own ``budget``). Within a run of taus of equal size, the maximum
+    clique found at the run's first tau stays a clique (raising tau only adds edges) and stays
+    maximum, so it is solved once per run and its medoid and mean distance are kept for the whole
+    run. ``exact`` is False where a budget stopped a search: the size there is a lower bound.
     """
-    from .cliques import clique_groups, largest_clique_curve
+    from .cliques import clique_curve, clique_groups
 
-    n = len(TAU_GRID)
+    taus = TAU_GRID if taus is None else np.asarray(taus, dtype=np.float64)
+    n = len(taus)
     size, medoid, mean = np.zeros(n, np.int32), np.zeros(n, np.int64), np.zeros(n, np.float32)
-    sizes = largest_clique_curve(dist, TAU_GRID, budget=budget, on_budget="best")
-    answer = (1, 0, 0.0)
-    for t, tau in enumerate(TAU_GRID):
-        if t == 0 or sizes[t] != sizes[t - 1]:
-            g = clique_groups(dist, float(tau), 1, 1, budget=budget, on_budget="best")[0]
-            answer = (g.size, g.medoid, g.mean_distance)
-        size[t], medoid[t], mean[t] = answer
-    return size, medoid, mean
+    sizes, exact = clique_curve(dist, taus, budget=budget, on_budget="mark")
+    answer = (1, 0, 0.0, True)
+    for t, tau in enumerate(taus):
+        if t == 0 or sizes[t] != sizes[t - 1] or not exact[t]:
+            g = clique_groups(dist, float(tau), 1, 1, budget=budget, on_budget="mark")[0]
+            answer = (max(g.size, int(sizes[t])), g.medoid, g.mean_distance, bool(exact[t]) and g.exact)
+        size[t], medoid[t], mean[t] = answer[:3]
+        exact[t] = answer[3]
+    return size, medoid, mean, exact
 
 
 class _Curves:
@@ -472,14 +503,20 @@ class _Curves:
     collected in the order the tasks were given, so the result does not depend on timing.
     """
 
-    def __init__(self, shape: tuple[int, int, int], workers: int, budget: int):
+    def __init__(self, shape: tuple[int, int, int], workers: int, budget: int, taus: np.ndarray):
         self.size = np.zeros(shape, dtype=np.int32)
         self.medoid = np.full(shape, -1, dtype=np.int64)
         self.mean = np.zeros(shape, dtype=np.float32)
-        self.budget, self.workers = budget, workers
+        self.exact = np.ones(shape, dtype=bool)
+        self.budget, self.workers, self.taus = budget, workers, np.asarray(taus, dtype=np.float64)
         self.procs: list = []
         self.pending: list[tuple[int, tuple[int, int, int]]] = []  # (worker, (grid index, prompt index, base)), oldest first
+        self.pins: list[tuple[int, int, int, int, object]] = []
         self.next = 0
+
+    def pin(self, gi: int, p: int, t: int, base: int, group) -> None:
+        """Put ``group`` (a CliqueGroup of the prompt at row ``base``) at (grid gi, prompt p, tau t), after the curve."""
+        self.pins.append((gi, p, t, base, group))
 
     def _start(self) -> None:
         import os
@@ -494,14 +531,14 @@ class _Curves:
 
     def add(self, gi: int, p: int, base: int, dist: np.ndarray, path: Path) -> None:
         if self.workers == 0:
-            self._fill(gi, p, base, *tau_curve(dist, self.budget))
+            self._fill(gi, p, base, *tau_curve(dist, self.budget, self.taus))
             return
         if not self.procs:
             self._start()
         w = self.next
         self.next = (self.next + 1) % self.workers
         try:
-            self.procs[w].stdin.write(json.dumps({"dist": str(path), "budget": self.budget}) + "\n")
+            self.procs[w].stdin.write(json.dumps({"dist": str(path), "budget": self.budget, "taus": self.taus.tolist()}) + "\n")
             self.procs[w].stdin.flush()
         except BrokenPipeError:
             self._died(w)
@@ -513,6 +550,9 @@ class _Curves:
         while self.pending:
             self._collect()
         self.close()
+        for gi, p, t, base, g in self.pins:
+            self.size[gi, p, t], self.medoid[gi, p, t], self.mean[gi, p, t] = g.size, base + g.medoid, g.mean_distance
+            self.exact[gi, p, t] = g.exact
 
     def close(self) -> None:
         for proc in self.procs:
@@ -535,43 +575,39 @@ class _Curves:
                             "set audit_workers to 0 to compute the curves in the audit's own process")
 
     def _collect(self) -> None:
-        import warnings
-
-        from .cliques import CliqueBudgetWarning
-
         w, (gi, p, base) = self.pending.pop(0)
         line = self.procs[w].stdout.readline()
         if not line:
             self._died(w)
         answer = json.loads(line)
-        if "error" in answer:
-            raise MemauditError(f"computing a tau curve failed: {answer['error']}")
-        for message in answer["warnings"]:
-            warnings.warn(message, CliqueBudgetWarning, stacklevel=2)
-        self._fill(gi, p, base, *(np.asarray(answer[k]) for k in ("size", "medoid", "mean")))
+        if "error" in answer:  # a bug in the worker: raised here with the worker's own traceback
+            raise RuntimeError(f"computing a tau curve failed in a worker process:\n{answer.get('traceback', answer['error'])}")
+        self._fill(gi, p, base, *(np.asarray(answer[k]) for k in ("size", "medoid", "mean", "exact")))
 
-    def _fill(self, gi: int, p: int, base: int, size: np.ndarray, medoid: np.ndarray, mean: np.ndarray) -> None:
-        self.size[gi, p], self.medoid[gi, p], self.mean[gi, p] = size, base + medoid, mean
+    def _fill(self, gi: int, p: int, base: int, size: np.ndarray, medoid: np.ndarray, mean: np.ndarray,
+              exact: np.ndarray) -> None:
+        self.size[gi, p], self.medoid[gi, p], self.mean[gi, p], self.exact[gi, p] = size, base + medoid, mean, exact
 
 
 def _store_results(ws: Workspace, run_id: int, params: AuditParams, results: list) -> None:
     with ws.transaction() as con:
-        for pid, gens, groups, base, l2, tiled, rel, ids, sim in results:
+        for pid, gens, groups, base, l2, tiled, rel, ids, sim, near in results:
             unconditional = gens[0].prompt is None
             if unconditional:
                 largest = 1
                 order = np.argsort(rel, kind="stable")
                 chosen = [int(i) for i in order if rel[i] < 1.0]
-                chosen += [int(i) for i in order if rel[i] >= 1.0][: max(0, 100 - len(chosen))]
-                entries = [((i,), i, 0.0) for i in chosen]
+                chosen += [int(i) for i in order if rel[i] >= 1.0][: max(0, UNCONDITIONAL_CANDIDATES - len(chosen))]
+                entries = [((i,), i, 0.0, True) for i in chosen]
             else:
                 largest = groups[0].size if groups else 1
-                entries = [(g.members, g.medoid, g.mean_distance) for g in groups]
+                entries = [(g.members, g.medoid, g.mean_distance, g.exact) for g in groups]
             flagged_prompt = (not unconditional) and largest >= params.min_clique
             best_mean = groups[0].mean_distance if (not unconditional and groups) else None
-            con.execute("INSERT INTO prompt_results(run_id, prompt_id, generations, largest_clique, flagged, mean_distance) "
-                        "VALUES (?, ?, ?, ?, ?, ?)", (run_id, pid, len(gens), largest, int(flagged_prompt), best_mean))
-            for rank, (members, med, mean_d) in enumerate(entries):
+            clique_exact = unconditional or not groups or groups[0].exact
+            con.execute("INSERT INTO prompt_results(run_id, prompt_id, generations, largest_clique, flagged, mean_distance, clique_exact) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (run_id, pid, len(gens), largest, int(flagged_prompt), best_mean, int(clique_exact)))
+            for rank, (members, med, mean_d, exact) in enumerate(entries):
                 r = float(rel[med])
                 if unconditional:
                     flagged, extracted = r < 1.0, r < 1.0
@@ -585,10 +621,12 @@ def _store_results(ws: Workspace, run_id: int, params: AuditParams, results: lis
                     score = min(float(mean_d), 0.999999) if flagged else 1.0 + 0.5 / len(members) + 0.49 * min(float(mean_d), 1.0)
                 cid = con.execute(
                     "INSERT INTO candidates(run_id, prompt_id, group_rank, clique_size, mean_distance, flagged, "
-                    "medoid_generation_id, nearest_training_id, l2, tiled_l2, relative_l2, extracted, score) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "medoid_generation_id, nearest_training_id, l2, tiled_l2, relative_l2, extracted, score, "
+                    "clique_exact, nearest_certified, nearest_lower, exact_distances) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (run_id, pid, rank, len(members), float(mean_d), int(flagged), gens[med].id, int(ids[med, 0]),
-                     float(l2[med, 0]), float(tiled[med, 0]), r if unconditional else None, int(extracted), score)).lastrowid
+                     float(l2[med, 0]), float(tiled[med, 0]), r if unconditional else None, int(extracted), score,
+                     int(exact), int(near.certified[med]), float(near.lower[med]), int(near.exact_count[med]))).lastrowid
                 con.executemany("INSERT INTO candidate_members(candidate_id, generation_id) VALUES (?, ?)",
                                 [(cid, gens[m].id) for m in members])
                 con.executemany(
@@ -638,7 +676,9 @@ def _candidate(row, members: tuple[int, ...] = ()) -> Candidate:
                      flagged=bool(row["flagged"]), medoid_generation_id=row["medoid_generation_id"], medoid_path=row["medoid_path"],
                      nearest_training_id=row["nearest_training_id"], nearest_training_path=row["training_path"],
                      l2=row["l2"], tiled_l2=row["tiled_l2"], relative_l2=row["relative_l2"], extracted=bool(row["extracted"]),
-                     members=members)
+                     members=members, clique_exact=bool(row["clique_exact"]),
+                     nearest_certified=None if row["nearest_certified"] is None else bool(row["nearest_certified"]),
+                     nearest_lower=row["nearest_lower"], exact_distances=row["exact_distances"])
 
 
 def candidates(ws: Workspace, run_id: int | None = None, *, flagged_only: bool = False, extracted_only: bool = False,
@@ -683,11 +723,12 @@ def prompt_results(ws: Workspace, run_id: int | None = None) -> list[PromptRow]:
     with ws.connect() as con:
         rows = con.execute(
             "SELECT r.*, p.text, (SELECT MAX(c.extracted) FROM candidates c WHERE c.run_id = r.run_id AND c.prompt_id = r.prompt_id) AS ext, "
-            "(SELECT c.l2 FROM candidates c WHERE c.run_id = r.run_id AND c.prompt_id = r.prompt_id AND c.group_rank = 0) AS best "
+            "(SELECT c.l2 FROM candidates c WHERE c.run_id = r.run_id AND c.prompt_id = r.prompt_id AND c.group_rank = 0) AS best, "
+            "(SELECT c.nearest_certified FROM candidates c WHERE c.run_id = r.run_id AND c.prompt_id = r.prompt_id AND c.group_rank = 0) AS cert "
             "FROM prompt_results r JOIN prompts p ON p.id = r.prompt_id WHERE r.run_id = ? ORDER BY r.flagged DESC, r.largest_clique DESC, r.mean_distance",
             (run_id,)).fetchall()
     return [PromptRow(r["prompt_id"], r["text"] or None, r["generations"], r["largest_clique"], bool(r["flagged"]),
-                      bool(r["ext"]), r["mean_distance"], r["best"]) for r in rows]
+                      bool(r["ext"]), r["mean_distance"], r["best"], bool(r["clique_exact"]), r["cert"] != 0) for r in rows]
 
 
 # ---------------------------------------------------------------------------- live re-thresholding
@@ -707,18 +748,34 @@ class RunCache:
         self.nn_l2 = np.load(d / "nn_l2.npy")
         self.nn_sim = np.load(d / "nn_sim.npy")
         self.nn_rel = np.load(d / "nn_rel.npy")
+        # runs made before certified search: every nearest neighbour counts as not certified
+        n = len(self.gen_ids)
+        self.nn_certified = np.load(d / "nn_certified.npy") if (d / "nn_certified.npy").is_file() else np.zeros(n, bool)
+        self.nn_lower = np.load(d / "nn_lower.npy") if (d / "nn_lower.npy").is_file() else np.zeros(n, np.float32)
         c = np.load(d / "curves.npz")
         self.taus, self.prompt_ids = c["taus"], c["prompt_ids"]
         # the tile grids cached (runs made before the grid slider cached their own grid alone)
         self.grids = [int(g) for g in c["grids"]] if "grids" in c else [self.params.grid]
         self.grid = self.params.grid
         self.size, self.medoid, self.mean = ((c[name] if "grids" in c else c[name][None]) for name in ("size", "medoid", "mean"))
+        self.exact = c["exact"] if "exact" in c else np.ones(self.size.shape, bool)  # earlier runs did not record it
+        self.run_tau = self.tau_index(self.params.edge_threshold)
         self.nn_tiled = {g: np.load(d / _tiled_file(g, self.grid)) for g in self.grids}
         with ws.connect() as con:
             rows = con.execute("SELECT p.id, p.text, COUNT(g.id) AS n FROM prompts p JOIN generations g ON g.prompt_id = p.id GROUP BY p.id").fetchall()
         self.prompt_text = {r["id"]: (r["text"] or None) for r in rows}
         self.prompt_count = {r["id"]: r["n"] for r in rows}
         self.best_l2 = np.where(self.medoid >= 0, self.nn_l2[np.maximum(self.medoid, 0), 0] if len(self.nn_l2) else np.inf, np.inf)
+        at = np.maximum(self.medoid, 0)
+        self.best_certified = (self.medoid >= 0) & (self.nn_certified[at] if n else False)
+        self.best_lower = np.where(self.medoid >= 0, self.nn_lower[at] if n else 0.0, 0.0)
+        # the run's own clique groups (at its tau and grid): a recount there counts any group, as the run does
+        self.run_groups: dict[int, list[tuple[int, float, bool, float]]] = {}
+        with ws.connect() as con:
+            for r in con.execute("SELECT prompt_id, clique_size, l2, nearest_certified, nearest_lower FROM candidates "
+                                 "WHERE run_id = ? ORDER BY prompt_id, group_rank", (run_id,)):
+                self.run_groups.setdefault(r[0], []).append(
+                    (r[1], r[2] if r[2] is not None else np.inf, bool(r[3]), r[4] if r[4] is not None else 0.0))
 
     def tau_index(self, tau: float) -> int:
         return int(np.argmin(np.abs(self.taus - tau)))
@@ -739,11 +796,26 @@ class RunCache:
         return np.load(path)
 
     def recount(self, tau: float, k: int, delta: float, grid: int | None = None) -> Recount:
-        """Flagged prompts and extractions at tau (snapped to TAU_GRID), k, delta and a cached tile grid."""
+        """Flagged prompts and extractions at tau (snapped to the nearest tau of the run's curve), k,
+        delta and a cached tile grid.
+
+        At the run's own tau and grid a prompt is extracted when any of the run's clique groups of at
+        least k members has its medoid within delta (as the run counts it); elsewhere only the largest
+        clique is known, and its medoid decides. ``clique_bounds`` counts prompts whose largest clique
+        is a lower bound there (a search budget stopped it); ``uncertain``, flagged prompts counted not
+        extracted whose nearest neighbour is not certified and could lie within delta.
+        """
         t, gi = self.tau_index(tau), self.grid_index(grid)
         size, best, mean = self.size[gi, :, t], self.best_l2[gi, :, t], self.mean[gi, :, t]
+        exact, cert, lower = self.exact[gi, :, t], self.best_certified[gi, :, t], self.best_lower[gi, :, t]
         flagged = size >= k
         extracted = flagged & (best <= delta)
+        uncertain = flagged & ~extracted & ~cert & (lower <= delta)
+        if t == self.run_tau and self.grids[gi] == self.grid:
+            for i, pid in enumerate(self.prompt_ids):
+                groups = [g for g in self.run_groups.get(int(pid), ()) if g[0] >= k]
+                extracted[i] = any(g[1] <= delta for g in groups)
+                uncertain[i] = not extracted[i] and any(not g[2] and g[3] <= delta for g in groups)
         rows = []
         for i, pid in enumerate(self.prompt_ids):
             pid = int(pid)
@@ -751,9 +823,11 @@ class RunCache:
             if text is None:  # unconditional prompt: relative-L2 verdicts are per generation
                 continue
             rows.append(PromptRow(pid, text, self.prompt_count.get(pid, 0), int(size[i]), bool(flagged[i]), bool(extracted[i]),
-                                  float(mean[i]), float(best[i]) if np.isfinite(best[i]) else None))
+                                  float(mean[i]), float(best[i]) if np.isfinite(best[i]) else None, bool(exact[i]), bool(cert[i])))
         rows.sort(key=lambda r: (not r.flagged, -r.largest_clique, r.mean_distance or 0.0))
-        return Recount(float(self.taus[t]), k, delta, self.grids[gi], int(flagged.sum()), int(extracted.sum()), rows)
+        text_rows = np.array([self.prompt_text.get(int(p)) is not None for p in self.prompt_ids], bool)
+        return Recount(float(self.taus[t]), k, delta, self.grids[gi], int((flagged & text_rows).sum()),
+                       int((extracted & text_rows).sum()), rows, int((~exact & text_rows).sum()), int((uncertain & text_rows).sum()))
 
 
 def recount(ws: Workspace, run_id: int | None = None, *, tau: float, k: int, delta: float, grid: int | None = None,
@@ -779,7 +853,7 @@ def prompt_groups(ws: Workspace, run_id: int | None, prompt_id: int, *, tau: flo
     order = [gens[i] for i in ids]
     if len(order) != len(dist):
         raise MemauditError(f"prompt {prompt_id} has changed since audit run {cache.run_id}; audit again")
-    groups = clique_groups(dist, tau, min_size, max_groups, on_budget="best")
+    groups = clique_groups(dist, tau, min_size, max_groups, budget=cache.ws.get_setting("clique_node_budget"), on_budget="mark")
     train_ids = sorted({int(t) for g in groups for t in cache.nn_ids[cache.row_of[order[g.medoid].id]]})
     train = get_training(ws, train_ids)
     views = []
@@ -788,7 +862,8 @@ def prompt_groups(ws: Workspace, run_id: int | None, prompt_id: int, *, tau: flo
         row = cache.row_of[medoid.id]
         nbrs = [NeighbourView(train[int(cache.nn_ids[row, j])], j, float(cache.nn_l2[row, j]), float(tiled[row, j]),
                               float(cache.nn_sim[row, j])) for j in range(cache.nn_ids.shape[1])]
-        views.append(GroupView([order[m] for m in g.members], medoid, g.mean_distance, nbrs))
+        views.append(GroupView([order[m] for m in g.members], medoid, g.mean_distance, nbrs, g.exact,
+                               bool(cache.nn_certified[row]), float(cache.nn_lower[row])))
     return views
 
 
@@ -828,11 +903,20 @@ def caption_duplicate_table(ws: Workspace, run_id: int | None = None) -> list[di
 
 
 def count_summary(ws: Workspace, run_id: int | None = None) -> dict:
+    """A run's counts, with what its search budgets left uncertain: ``clique_bounds`` prompts whose
+    largest clique is a lower bound, ``uncertified_nearest`` flagged candidates whose nearest training
+    image is not certainly the nearest, ``uncertain_verdicts`` those among them counted not extracted
+    whose true nearest could still lie within delta."""
     run_id = _require_run(ws, run_id)
+    delta = run_params(ws, run_id).delta
     with ws.connect() as con:
-        r = con.execute("SELECT COUNT(*) AS prompts, SUM(flagged) AS flagged FROM prompt_results WHERE run_id = ?", (run_id,)).fetchone()
-        c = con.execute("SELECT COUNT(*) AS candidates, SUM(extracted) AS extracted, COUNT(DISTINCT CASE WHEN extracted = 1 THEN nearest_training_id END) AS images "
-                        "FROM candidates WHERE run_id = ?", (run_id,)).fetchone()
+        r = con.execute("SELECT COUNT(*) AS prompts, SUM(flagged) AS flagged, SUM(1 - clique_exact) AS bounds "
+                        "FROM prompt_results WHERE run_id = ?", (run_id,)).fetchone()
+        c = con.execute("SELECT COUNT(*) AS candidates, SUM(extracted) AS extracted, COUNT(DISTINCT CASE WHEN extracted = 1 THEN nearest_training_id END) AS images, "
+                        "SUM(CASE WHEN flagged = 1 AND nearest_certified = 0 THEN 1 ELSE 0 END) AS uncertified, "
+                        "SUM(CASE WHEN flagged = 1 AND extracted = 0 AND nearest_certified = 0 AND nearest_lower <= ? THEN 1 ELSE 0 END) AS uncertain "
+                        "FROM candidates WHERE run_id = ?", (delta, run_id)).fetchone()
     return {"run_id": run_id, "prompts": r["prompts"], "flagged_prompts": r["flagged"] or 0, "candidates": c["candidates"],
-            "extracted_candidates": c["extracted"] or 0, "extracted_training_images": c["images"] or 0}
-
+            "extracted_candidates": c["extracted"] or 0, "extracted_training_images": c["images"] or 0,
+            "clique_bounds": r["bounds"] or 0, "uncertified_nearest": c["uncertified"] or 0,
+            "uncertain_verdicts": c["uncertain"] or 0}

@@ -112,8 +112,8 @@ def cmd_import(args: argparse.Namespace) -> None:
     _emit(args, "\n".join(lines), {"imported": report.imported, "skipped": skipped})
 
 
-AUDIT_SETTINGS = ("edge_threshold", "min_clique", "group_min_size", "max_groups", "grid", "grid_choices", "delta", "neighbours", "embedder",
-                  "relative_alpha", "relative_n", "working_size")
+AUDIT_SETTINGS = ("edge_threshold", "min_clique", "group_min_size", "max_groups", "grid", "grid_choices", "delta", "neighbours",
+                  "nearest_budget", "embedder", "relative_alpha", "relative_n", "working_size")
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
@@ -128,11 +128,18 @@ def cmd_audit(args: argparse.Namespace) -> None:
         if progress is not None:
             progress.close()  # type: ignore[attr-defined]
     summary = count_summary(ws, run_id)
-    _emit(args, (f"audit run {run_id}: {summary['prompts']} prompts, {summary['flagged_prompts']} flagged "
-                 f"(largest clique >= {params.min_clique} at tau {params.edge_threshold}), "
-                 f"{summary['extracted_candidates']} candidates extracted (l2 <= {params.delta}) covering "
-                 f"{summary['extracted_training_images']} training images"),
-          {**summary, "parameters": params.to_dict()})
+    text = (f"audit run {run_id}: {summary['prompts']} prompts, {summary['flagged_prompts']} flagged "
+            f"(largest clique >= {params.min_clique} at tau {params.edge_threshold}), "
+            f"{summary['extracted_candidates']} candidates extracted (l2 <= {params.delta}) covering "
+            f"{summary['extracted_training_images']} training images")
+    if summary["clique_bounds"]:
+        text += (f"\nwarning: {summary['clique_bounds']} prompts' largest clique is a lower bound (the search stopped at "
+                 f"clique_node_budget); raise it or lower tau to make them exact")
+    if summary["uncertified_nearest"]:
+        text += (f"\nwarning: {summary['uncertified_nearest']} flagged candidates' nearest training image is not certified "
+                 f"(the search stopped at nearest_budget), {summary['uncertain_verdicts']} of them could be extractions; "
+                 f"raise nearest_budget to settle them")
+    _emit(args, text, {**summary, "parameters": params.to_dict()})
 
 
 def cmd_inpaint(args: argparse.Namespace) -> None:

@@ -35,7 +35,11 @@ deterministic choice that is not always the smallest mean. Without distances
 Guard: the search counts its nodes. Past ``budget`` (setting
 ``clique_node_budget``, roughly ten seconds on 2 cores) it raises CliqueBudgetExceeded
 with what to do; with ``on_budget="best"`` it instead warns (CliqueBudgetWarning)
-and uses the largest clique found so far, which may not be the largest.
+and uses the largest clique found so far, which may not be the largest; with
+``on_budget="mark"`` it says nothing and marks the answer: a ``CliqueGroup`` whose
+``exact`` is False, a curve point whose exactness flag is False, has a size that is
+only a lower bound of the true maximum. Each group (``clique_groups``) and each
+distinct graph of a curve (``clique_curve``) gets a budget of its own.
 Realistic audit graphs (a few dense clusters of copies in a sparse graph)
 take well under a budget's hundredth; dense random graphs of hundreds of vertices
 (tau far too high) are what the guard is for.
@@ -83,6 +87,7 @@ class _Counter:
         self.on_budget = on_budget
         self.where = where
         self.exhausted = False
+        self.bound = False  # the budget stopped the search for a larger clique: the size found is a lower bound
 
     def tick(self) -> None:
         self.steps += 1
@@ -97,6 +102,8 @@ class _Counter:
                    f"or raise clique_node_budget to wait longer")
         if self.on_budget == "raise":
             raise CliqueBudgetExceeded(message)
+        if self.on_budget == "mark":
+            return
         if not getattr(self, "_warned", False):
             self._warned = True
             warnings.warn(message + "; using the largest clique found so far", CliqueBudgetWarning, stacklevel=4)
@@ -295,6 +302,7 @@ def _larger_clique(adj: np.ndarray, size: int, seed: list[int], counter: _Counte
     except _Enough:
         pass
     except _OutOfBudget:
+        counter.bound = True
         counter.fail()
     if state["best"]:
         best = [int(g.vertices[v]) for v in state["best"]]
@@ -548,8 +556,8 @@ def _graph(dist: np.ndarray, tau: float) -> np.ndarray:
 
 
 def _budget(budget: int | None, on_budget: str, where: str) -> _Counter:
-    if on_budget not in ("raise", "best"):
-        raise InputError(f"on_budget must be 'raise' or 'best', got {on_budget!r}")
+    if on_budget not in ("raise", "best", "mark"):
+        raise InputError(f"on_budget must be 'raise', 'best' or 'mark', got {on_budget!r}")
     value = config.default("clique_node_budget") if budget is None else budget
     return _Counter(int(config.check("clique_node_budget", value)), on_budget, where)
 
@@ -580,39 +588,52 @@ def clique_groups(dist: np.ndarray, tau: float, min_size: int, max_groups: int, 
     ``mean_distance`` (mean of dist[i, j] over pairs i < j of members; 0 for one).
     Ties between maximum cliques go to the smaller mean distance, then to the
     sorted members that come first (beyond TIE_LIMIT tied cliques, a greedy
-    deterministic choice: see the module docstring).
+    deterministic choice: see the module docstring). Each group's search has its own
+    ``budget``; ``exact`` is False on a group whose size the budget left a lower bound
+    (only with ``on_budget="best"`` or ``"mark"``).
     """
     d = _check_distances(dist)
     t = _check_tau(tau)
     for name, value, low in (("min_size", min_size, 1), ("max_groups", max_groups, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-    counter = _budget(budget, on_budget, f"at tau={t:g}")
+    _budget(budget, on_budget, "")  # checks both before any work
     adj = _graph(d, t)
     remaining = np.arange(len(d))
     groups: list[CliqueGroup] = []
     while len(groups) < max_groups and len(remaining) >= min_size:
+        counter = _budget(budget, on_budget, f"at tau={t:g}")
         members = _best_clique(adj[np.ix_(remaining, remaining)], d, remaining, min_size - 1, counter)
         if members is None:
             break
-        groups.append(_group(d, members))
+        groups.append(_group(d, members, exact=not counter.bound))
         remaining = np.setdiff1d(remaining, members, assume_unique=True)
     return groups
 
 
-def _group(dist: np.ndarray, members: list[int]) -> CliqueGroup:
+def _group(dist: np.ndarray, members: list[int], exact: bool = True) -> CliqueGroup:
     members = sorted(members)
     if len(members) == 1:
-        return CliqueGroup((members[0],), members[0], 0.0)
+        return CliqueGroup((members[0],), members[0], 0.0, exact)
     sub = dist[np.ix_(members, members)].astype(np.float64)
     np.fill_diagonal(sub, 0.0)  # the row sums are then the sums over the other members
     medoid = _first_smallest(sub.sum(axis=1), lambda i: math.fsum(sub[i].tolist()))
-    return CliqueGroup(tuple(members), members[medoid], _mean_distance(dist, members))
+    return CliqueGroup(tuple(members), members[medoid], _mean_distance(dist, members), exact)
 
 
 def largest_clique_curve(dist: np.ndarray, taus: Sequence[float], *, budget: int | None = None,
                          on_budget: str = "raise") -> np.ndarray:
     """Size of the largest clique of {dist <= tau} at each tau (int64, in the order given).
+
+    ``clique_curve``'s sizes; with ``on_budget="best"`` or ``"mark"`` a size may be a lower bound.
+    """
+    return clique_curve(dist, taus, budget=budget, on_budget=on_budget)[0]
+
+
+def clique_curve(dist: np.ndarray, taus: Sequence[float], *, budget: int | None = None,
+                 on_budget: str = "mark") -> tuple[np.ndarray, np.ndarray]:
+    """(size, exact) at each tau: the largest clique of {dist <= tau} (int64) and whether that
+    size is certainly the maximum (bool), in the order given.
 
     Exact, and non-decreasing in tau (raising tau only adds edges), which the
     search uses: taus that give the same graph are solved once; the smallest and
@@ -620,37 +641,47 @@ def largest_clique_curve(dist: np.ndarray, taus: Sequence[float], *, budget: int
     different sizes, recursively (graphs between two of equal size have that size
     too). Each solve starts from the clique of the smaller graph (still a clique)
     and stops at the size of the larger one (an upper bound).
+
+    Each distinct graph's solve has its own ``budget``. A solve the budget stops keeps
+    the largest clique found, a lower bound, marked inexact; it is then no upper bound
+    for smaller graphs, and graphs between it and a smaller graph of equal size are
+    inexact too (their size lies between the two, and the larger one's is not known); a
+    smaller graph of equal size to an exact larger one is exact however its solve ended.
     """
     d = _check_distances(dist)
     ts = [_check_tau(t) for t in taus]
+    _budget(budget, on_budget, "")  # checks both before any work
     n = len(d)
     out = np.zeros(len(ts), dtype=np.int64)
     if n == 0 or not ts:
-        return out
+        return out, np.ones(len(ts), dtype=bool)
     upper = np.sort(d[np.triu_indices(n, 1)])
     # edges of the graph at each tau, comparing in dist's precision as ``dist <= tau`` does
     edges = np.searchsorted(upper, np.asarray(ts, dtype=np.float64).astype(upper.dtype), side="right")
     graphs = sorted(set(edges.tolist()))  # distinct graphs, smallest first
     rep = {e: upper[e - 1] for e in graphs if e}  # a tau giving exactly that graph
     asked = {e: min(t for t, x in zip(ts, edges.tolist()) if x == e) for e in graphs}  # for messages
-    counter = _budget(budget, on_budget, "for the clique curve")
     cliques: dict[int, list[int]] = {}
+    exact: dict[int, bool] = {}
 
     def solve(k: int, seed: list[int], limit: int) -> None:
         e = graphs[k]
-        counter.where = f"at tau={asked[e]:g}"
+        counter = _budget(budget, on_budget, f"at tau={asked[e]:g}")
         larger = _larger_clique(_graph(d, rep[e]), len(seed), seed, counter, limit) if e else None
         cliques[k] = larger if larger is not None and len(larger) > len(seed) else seed
+        exact[k] = not counter.bound
 
     def fill(lo: int, hi: int) -> None:
         if hi - lo <= 1:
             return
         if len(cliques[lo]) == len(cliques[hi]):
+            # sizes are non-decreasing: a known maximum at hi bounds everything below it
             for k in range(lo + 1, hi):
-                cliques[k] = cliques[lo]
+                cliques[k], exact[k] = cliques[lo], exact[hi]
+            exact[lo] = exact[lo] or exact[hi]
             return
         mid = (lo + hi) // 2
-        solve(mid, cliques[lo], len(cliques[hi]))
+        solve(mid, cliques[lo], len(cliques[hi]) if exact[hi] else n)
         fill(lo, mid)
         fill(mid, hi)
 
@@ -659,4 +690,6 @@ def largest_clique_curve(dist: np.ndarray, taus: Sequence[float], *, budget: int
         solve(len(graphs) - 1, cliques[0], n)
         fill(0, len(graphs) - 1)
     size = {e: len(cliques[k]) for k, e in enumerate(graphs)}
-    return np.array([size[e] for e in edges.tolist()], dtype=np.int64)
+    certain = {e: exact[k] for k, e in enumerate(graphs)}
+    return (np.array([size[e] for e in edges.tolist()], dtype=np.int64),
+            np.array([certain[e] for e in edges.tolist()], dtype=bool))

@@ -41,6 +41,13 @@ class Setting:
         return value
 
 
+# The tau curve (largest clique at every tau, for the dashboard's slider) is computed on a grid
+# of this step from 0 to TAU_MAX, plus the run's own tau; edge_threshold cannot exceed TAU_MAX,
+# so every tau a run or a slider can ask for is one the curve covers.
+TAU_MAX = 0.3
+TAU_STEP = 0.005
+
+
 def parse_grids(text: str) -> str:
     """'1, 2,4 ,8' -> '1,2,4,8': distinct positive grids, ascending ('' for none)."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
@@ -61,8 +68,9 @@ _SETTINGS = [
     # --- the attack (PAPER.md, "The generate-and-filter attack") ---
     Setting("edge_threshold", 0.1, float,
             "tau: two generations of one prompt are linked when their tiled L2 is <= tau. "
-            "Not published by the paper; reimplementations use 0.05-0.15. Calibrate against labels.",
-            0.0, 1.0),
+            "Not published by the paper; reimplementations use 0.05-0.15. Calibrate against labels. "
+            "At most 0.3: beyond it novel images link and the largest clique measures nothing.",
+            0.0, TAU_MAX),
     Setting("min_clique", 10, int,
             "k: a prompt is flagged as memorised when its largest clique has at least this many members.",
             2, None),
@@ -71,9 +79,10 @@ _SETTINGS = [
             "so a prompt that copies two training images shows both.", 2, None),
     Setting("max_groups", 10, int, "At most this many clique groups are reported per prompt.", 1, None),
     Setting("clique_node_budget", 500_000, int,
-            "Search steps allowed for the exact largest cliques of one prompt's graph (roughly 10 s on 2 CPU "
-            "cores). Realistic graphs need a few thousand; past the budget the search stops with a message "
-            "(the graph is unusually dense: tau is probably too high).", 1, None),
+            "Search steps allowed for one exact largest-clique search (one clique group, or one tau of the "
+            "curve; roughly 10 s on 2 CPU cores). Realistic graphs need a few thousand; a search the budget "
+            "stops keeps the largest clique found, and the prompt is reported as a lower bound "
+            "(clique_exact false), not as exact.", 1, None),
     Setting("audit_workers", -1, int,
             "Processes that compute the tau curves (largest clique at every tau, for the sliders) beside the "
             "audit's main loop. -1: one per CPU core (at most 8) when prompts have 100 generations or more; "
@@ -88,10 +97,17 @@ _SETTINGS = [
     Setting("delta", 0.15, float,
             "(l2, delta)-extraction: a candidate extracts a training image when their normalised L2 "
             "is <= delta (the paper uses 0.15 at 512 x 512).", 0.0, 1.0),
-    Setting("neighbours", 10, int, "Nearest training images retrieved and measured exactly for each candidate.", 1, 1000),
+    Setting("neighbours", 10, int,
+            "Nearest training images shown and cached for each generation, all measured exactly; the first is "
+            "the certified nearest in the whole training set.", 1, 1000),
+    Setting("nearest_budget", 5000, int,
+            "Exact distances the certified nearest-neighbour search may compute per generation. Pooled-pixel "
+            "lower bounds prune the training set; a generation whose search the budget stops is reported as "
+            "not certified (nearest_certified false) with a lower bound on its true nearest distance.", 1, None),
     Setting("embedder", "pixel", str,
-            "Retrieval embedder for the training index: 'pixel' (downsampled pixels; exact lower bound "
-            "of normalised L2) or 'clip' (open_clip image embeddings, cosine).",
+            "Embedder for the training index and the neighbours' similarity column: 'pixel' (downsampled "
+            "pixels) or 'clip' (open_clip image embeddings, cosine). The extraction verdict never depends "
+            "on it: nearest training images are found by certified pixel L2.",
             choices=("pixel", "clip")),
     Setting("relative_alpha", 0.5, float, "alpha of the relative L2 criterion (unconditional models).", 0.0, None),
     Setting("relative_n", 50, int, "n: the relative L2 denominator averages over the n nearest training images.", 1, None),

@@ -12,8 +12,9 @@ from .errors import InputError
 from .store import Workspace
 from .tempfiles import write_text_atomic
 
-CSV_COLUMNS = ("id", "prompt", "group_rank", "clique_size", "mean_distance", "flagged", "medoid", "nearest_training",
-               "nearest_training_source", "l2", "tiled_l2", "relative_l2", "extracted", "labels")
+CSV_COLUMNS = ("id", "prompt", "group_rank", "clique_size", "clique_exact", "mean_distance", "flagged", "medoid",
+               "nearest_training", "nearest_training_source", "nearest_certified", "nearest_lower", "l2", "tiled_l2",
+               "relative_l2", "extracted", "labels")
 
 
 def export_json(ws: Workspace, run_id: int | None = None) -> dict[str, Any]:
@@ -38,19 +39,22 @@ def _audit_json(ws: Workspace, run_id: int | None) -> dict[str, Any]:
     cands = audit.candidates(ws, run_id, with_members=True)
     train = audit.get_training(ws, sorted({c.nearest_training_id for c in cands if c.nearest_training_id is not None}))
     prompts = [{"prompt": p.prompt, "prompt_id": p.prompt_id, "generations": p.generations, "largest_clique": p.largest_clique,
-                "flagged": p.flagged, "extracted": p.extracted, "mean_distance": p.mean_distance}
+                "clique_exact": p.clique_exact, "flagged": p.flagged, "extracted": p.extracted, "mean_distance": p.mean_distance}
                for p in audit.prompt_results(ws, run_id)]
     out_cands = []
     for c in cands:
         t = train.get(c.nearest_training_id) if c.nearest_training_id is not None else None
         out_cands.append({
             "id": c.id, "prompt": c.prompt, "group_rank": c.group_rank, "clique_size": c.clique_size,
+            "clique_exact": c.clique_exact,
             "mean_distance": c.mean_distance, "flagged": c.flagged, "medoid": c.medoid_path,
             "medoid_generation_id": c.medoid_generation_id, "members": list(c.members),
             "nearest_training": c.nearest_training_path,
             "nearest_training_source": t.source_path if t else None,
             "nearest_training_caption": t.caption if t else None,
             "nearest_training_duplicates": t.duplicate_count if t else None,
+            "nearest_certified": c.nearest_certified, "nearest_lower": c.nearest_lower,
+            "nearest_exact_distances": c.exact_distances,
             "l2": c.l2, "tiled_l2": c.tiled_l2, "relative_l2": c.relative_l2, "extracted": c.extracted,
             "labels": current.get((c.medoid_generation_id, c.nearest_training_id), {}),
         })

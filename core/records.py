@@ -63,6 +63,7 @@ class AuditParams:
     relative_n: int
     working_size: int
     grid_choices: str = ""  # extra grids cached for re-thresholding ('' in runs made before the grid slider)
+    nearest_budget: int = 0  # exact distances per generation for the certified search (0: a run made before it)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -74,6 +75,7 @@ class CliqueGroup:
     members: tuple[int, ...]
     medoid: int
     mean_distance: float
+    exact: bool = True  # False: a search budget stopped the search, so a larger clique may exist
 
     @property
     def size(self) -> int:
@@ -109,6 +111,10 @@ class Candidate:
     relative_l2: float | None
     extracted: bool
     members: tuple[int, ...] = field(default=())
+    clique_exact: bool = True  # False: a search budget stopped the clique search; the size is a lower bound
+    nearest_certified: bool | None = None  # None in runs made before certified search
+    nearest_lower: float | None = None  # lower bound of the true nearest distance
+    exact_distances: int | None = None
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,17 @@ CREATE TABLE label_events(
   CHECK ((label IS NULL) = (undoes IS NOT NULL)));
 CREATE INDEX label_events_pair ON label_events(generation_id, training_id, reviewer);
 """),
+    # clique_exact 0: a search budget stopped the clique search, the size is a lower bound;
+    # nearest_certified 1: the nearest training image is certainly the nearest of the whole set,
+    # nearest_lower a lower bound of the true nearest distance, exact_distances what the search computed
+    # (no comment inside an ADD COLUMN: SQLite appends the text to the stored CREATE TABLE)
+    ("certified verdicts", """
+ALTER TABLE prompt_results ADD COLUMN clique_exact INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE candidates ADD COLUMN clique_exact INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE candidates ADD COLUMN nearest_certified INTEGER;
+ALTER TABLE candidates ADD COLUMN nearest_lower REAL;
+ALTER TABLE candidates ADD COLUMN exact_distances INTEGER
+"""),
     ("inpainting runs", """
 CREATE TABLE inpainting_runs(
   id INTEGER PRIMARY KEY, created_at TEXT NOT NULL, finished_at TEXT,

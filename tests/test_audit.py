@@ -190,7 +190,7 @@ def test_a_curve_worker_that_dies_fails_the_audit_in_one_line_and_leaves_no_run(
     assert sorted(p.name for p in (ws.root / "cache").iterdir()) == sorted(f"run-{r}" for r in runs)
 
 
-def test_a_curve_worker_reports_bad_input_and_budget_warnings(tmp_path):
+def test_a_curve_worker_reports_bad_input_and_budget_bounds(tmp_path):
     """The worker as a process: a missing file is an error line, a tiny budget a warning, EOF ends it."""
     import json
     import subprocess
@@ -202,17 +202,20 @@ def test_a_curve_worker_reports_bad_input_and_budget_warnings(tmp_path):
     np.fill_diagonal(dist, 0)
     np.save(tmp_path / "d.npy", dist)
     proc = subprocess.run([sys.executable, "-m", "core.curve_worker"], capture_output=True, text=True, timeout=120,
-                          input="\n".join(json.dumps(t) for t in ({"dist": str(tmp_path / "d.npy"), "budget": 500000},
-                                                                  {"dist": str(tmp_path / "gone.npy"), "budget": 10},
-                                                                  {"dist": str(tmp_path / "d.npy"), "budget": 1})) + "\n",
+                          input="\n".join(json.dumps({**t, "taus": audit.TAU_GRID.tolist()}) for t in (
+                              {"dist": str(tmp_path / "d.npy"), "budget": 500000},
+                              {"dist": str(tmp_path / "gone.npy"), "budget": 10},
+                              {"dist": str(tmp_path / "d.npy"), "budget": 1})) + "\n",
                           cwd=str(audit.Path(audit.__file__).resolve().parents[1]))
     assert proc.returncode == 0, proc.stderr
     good, missing, starved = (json.loads(line) for line in proc.stdout.splitlines())
-    size, medoid, mean = audit.tau_curve(dist)
-    assert good["size"] == size.tolist() and good["medoid"] == medoid.tolist() and good["warnings"] == []
+    size, medoid, mean, exact = audit.tau_curve(dist)
+    assert good["size"] == size.tolist() and good["medoid"] == medoid.tolist() and all(good["exact"]) and exact.all()
     assert np.array_equal(np.asarray(good["mean"], np.float32), mean)
-    assert missing["error"].startswith("FileNotFoundError")
-    assert starved["warnings"] and "budget" in starved["warnings"][0]
+    assert missing["error"].startswith("FileNotFoundError") and "Traceback" in missing["traceback"]
+    # a budget too small to finish marks the curve's points as lower bounds instead of passing them for exact
+    assert not all(starved["exact"])
+    assert all(s <= t for s, t in zip(starved["size"], size.tolist()))
 
 
 def test_figure5_table_counts_prompts_by_duplicate_count(planted):
@@ -305,3 +308,57 @@ def test_unconditional_generations_use_relative_l2(tmp_path):
     copy = next(c for c in cands.values() if c.extracted)
     assert copy.relative_l2 < 0.5 and copy.l2 < 0.05
     assert sum(c.extracted for c in cands.values()) == 1
+
+
+def test_recount_at_the_runs_thresholds_equals_the_run_when_a_second_group_is_the_extraction(tmp_path):
+    """A prompt whose largest clique copies nothing in the training set and whose second group copies a
+    training image: the run counts it extracted, and so must the recount at the run's own thresholds."""
+    import csv
+
+    from PIL import Image
+
+    from core.importer import import_generations
+    from core.store import Workspace
+    from core.training import add_training
+    from workspaces import _faces, _noisy, planted_files, training_arrays
+
+    files = planted_files(tmp_path / "data")
+    ws = Workspace.init(tmp_path / "ws")
+    add_training(ws, files["train"], captions=files["captions"])
+    import_generations(ws, files["manifest"])
+    rng = np.random.default_rng(5)
+    face = _faces(1, rng)[0]  # not in the training set
+    images = [_noisy(face, rng) for _ in range(14)] + [_noisy(training_arrays()["rocket"], rng) for _ in range(10)]
+    gdir = tmp_path / "second"
+    gdir.mkdir()
+    with open(gdir / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "prompt", "seed"])
+        for j, arr in enumerate(images):
+            Image.fromarray(arr).save(gdir / f"s{j}.png")
+            w.writerow([f"s{j}.png", "second group copies", j])
+    import_generations(ws, gdir / "m.csv")
+    run_id = audit.run_audit(ws, audit.params_from(ws, grid_choices=""))
+    rows = {r.prompt: r for r in audit.prompt_results(ws, run_id)}
+    second = rows["second group copies"]
+    assert second.flagged and second.extracted and second.largest_clique == 14 and second.best_l2 > 0.15
+    p = audit.run_params(ws, run_id)
+    r = audit.RunCache(ws, run_id).recount(p.edge_threshold, p.min_clique, p.delta)
+    assert r.flagged == sum(x.flagged for x in rows.values())
+    assert r.extracted == sum(x.extracted for x in rows.values())
+    assert {x.prompt: (x.flagged, x.extracted) for x in r.prompts} == {k: (v.flagged, v.extracted) for k, v in rows.items()}
+    # off the run's tau only the largest clique is known: this prompt then counts as not extracted
+    off = audit.RunCache(ws, run_id).recount(p.edge_threshold + 0.005, p.min_clique, p.delta)
+    assert not next(x for x in off.prompts if x.prompt == "second group copies").extracted
+
+
+def test_the_run_tau_is_on_the_curve_and_the_setting_stops_where_the_curve_does(planted):
+    from core import config
+
+    ws, _ = planted
+    run_id = audit.run_audit(ws, audit.params_from(ws, edge_threshold=0.1234, grid_choices=""))
+    cache = audit.RunCache(ws, run_id)
+    assert 0.1234 in cache.taus.tolist() and cache.taus.max() == pytest.approx(config.TAU_MAX)
+    assert cache.recount(0.1234, 10, 0.15).tau == pytest.approx(0.1234)
+    with pytest.raises(ValueError, match="edge_threshold must be <= 0.3"):
+        config.check("edge_threshold", 0.35)

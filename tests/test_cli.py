@@ -108,3 +108,29 @@ def test_generate_through_the_cli_with_tiny_real_pipelines(tmp_path, capsys, tin
         seeds = sorted(r[0] for r in con.execute("SELECT seed FROM generations g JOIN prompts p ON p.id = g.prompt_id WHERE p.text = 'a red square'"))
         assert seeds == [5, 6, 7]
         assert con.execute("SELECT COUNT(*) FROM generations g JOIN prompts p ON p.id = g.prompt_id WHERE p.text = ''").fetchone()[0] == 4
+
+
+def test_audit_says_where_budgets_left_answers_uncertain(tmp_path, capsys):
+    from workspaces import templated_files
+
+    files = templated_files(tmp_path / "data", prompts=3, lookalikes=12)
+    ws = tmp_path / "ws"
+    run(capsys, "init", ws)
+    run(capsys, "add-training", ws, files["train"], "--captions", files["captions"])
+    run(capsys, "import-generations", ws, files["manifest"])
+    code, out, _ = run(capsys, "audit", ws, "--grid-choices", "", "--json")
+    full = json.loads(out)
+    assert code == 0 and full["clique_bounds"] == 0 and full["uncertified_nearest"] == 0
+    assert full["extracted_candidates"] == 3
+    # templated look-alikes come before the copy by every bound: 5 exact distances cannot settle it,
+    # and the summary, the export and the text say so
+    code, out, _ = run(capsys, "audit", ws, "--grid-choices", "", "--nearest-budget", 5, "--neighbours", 1)
+    assert code == 0
+    assert "nearest training image is not certified" in out and "raise nearest_budget" in out
+    code, out, _ = run(capsys, "export", ws, "--format", "json", "--out", "-")
+    data = json.loads(out)
+    assert data["summary"]["uncertified_nearest"] > 0
+    assert any(c["nearest_certified"] is False for c in data["candidates"])
+    assert all(c["nearest_lower"] <= c["l2"] + 1e-6 for c in data["candidates"])
+    assert {"clique_exact", "nearest_certified"} <= set(data["candidates"][0])
+    assert "clique_exact" in data["prompts"][0]

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from core import config
 from core.cliques import (
-    TIE_LIMIT, CliqueBudgetExceeded, CliqueBudgetWarning, clique_groups, largest_clique_curve, maximum_clique,
+    TIE_LIMIT, CliqueBudgetExceeded, CliqueBudgetWarning, clique_curve, clique_groups, largest_clique_curve, maximum_clique,
 )
 from core.errors import InputError, MemauditError
 from core.records import CliqueGroup
@@ -315,6 +315,45 @@ def test_budget_best_warns_and_returns_a_clique():
     assert len(exact) >= 3
 
 
+def test_budget_mark_flags_lower_bounds_silently():
+    d = dense_random(100, 0.5)  # solved exactly within the default budget, not within 50 steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = clique_groups(d, 0.1, 3, 2, budget=50, on_budget="mark")
+        sizes, exact = clique_curve(d, [0.01, 0.1], budget=50)
+    assert groups and not groups[0].exact  # the budget stopped the search: the size is a lower bound
+    truth = len(maximum_clique(d <= 0.1))
+    assert groups[0].size <= truth
+    assert sizes[1] <= truth and not exact[1]
+    assert sizes[0] == 1 and exact[0]  # no edge at 0.01: solved within any budget
+    # with the default budget the same graph is solved exactly, and says so
+    groups = clique_groups(d, 0.1, 3, 2, on_budget="mark")
+    assert groups[0].exact and groups[0].size == truth
+    assert clique_curve(d, [0.1])[1].tolist() == [True]
+
+
+def test_curve_budget_is_per_graph_not_shared():
+    """Many easy graphs must not use up one shared budget: each distinct graph has its own."""
+    rng = np.random.default_rng(3)
+    n = 120
+    d = rng.uniform(0.2, 1.0, (n, n)).astype(np.float32)
+    d = np.minimum(d, d.T)
+    members = rng.choice(n, 40, replace=False)
+    d[np.ix_(members, members)] = rng.uniform(0.0, 0.1, (40, 40))
+    d = np.minimum(d, d.T)
+    np.fill_diagonal(d, 0)
+    taus = np.round(np.arange(0.0, 0.3001, 0.005), 4)
+    full, full_exact = clique_curve(d, taus)
+    # find the smallest budget that solves every graph alone; the curve with it must be exact everywhere
+    per_graph = 1
+    for t in taus:
+        while not clique_groups(d, float(t), 1, 1, budget=per_graph, on_budget="mark")[0].exact:
+            per_graph *= 2
+    sizes, exact = clique_curve(d, taus, budget=per_graph * 4)
+    assert exact.all() and full_exact.all()
+    assert sizes.tolist() == full.tolist()
+
+
 def test_budget_setting_is_declared():
     s = config.SETTINGS["clique_node_budget"]
     assert s.default >= 100_000 and "tau" in s.help
@@ -347,7 +386,7 @@ def test_bad_arguments_raise():
         clique_groups(d, "x", 1, 1)
     with pytest.raises(InputError, match="tau must be a number"):
         largest_clique_curve(d, [float("nan")])
-    with pytest.raises(InputError, match="on_budget must be 'raise' or 'best'"):
+    with pytest.raises(InputError, match="on_budget must be 'raise', 'best' or 'mark'"):
         clique_groups(d, 0.1, 1, 1, on_budget="ignore")
     with pytest.raises(InputError, match=r"adj must be a square \(n, n\) matrix"):
         maximum_clique(np.zeros(3, bool))

@@ -129,3 +129,77 @@ def planted_workspace(root: Path, seed: int = 0, audit: bool = True):
     add_training(ws, files["train"], captions=files["captions"])
     import_generations(ws, files["manifest"])
     return ws, (run_audit(ws) if audit else None)
+
+
+# ---------------------------------------------------------------------------- templated training sets
+TEMPLATED_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry", "coins",
+                    "hubble_deep_field", "retina", "moon", "page", "clock")
+TEXTURES = ("grass", "gravel", "brick", "text", "cell", "coins")
+
+
+def _high_pass(img: np.ndarray, block: int) -> np.ndarray:
+    """``img`` minus its block x block means: detail that pooling at that block size cannot see."""
+    h, w = img.shape[:2]
+    means = img.reshape(h // block, block, w // block, block, -1).mean(axis=(1, 3), keepdims=True)
+    return (img.reshape(h // block, block, w // block, block, -1) - means).reshape(img.shape)
+
+
+def templated_files(root: Path, prompts: int = 12, lookalikes: int = 20, seed: int = 0, size: int = SIZE,
+                    shift: float = 0.06, amplitude: float = 0.15) -> dict[str, Path]:
+    """A training set of templates (same layout and colours, different fine detail) and generations that
+    copy one image of each template, so that pooled pixels rank the true copy below its look-alikes.
+
+    Per prompt p, from a real photograph (the template's layout and colours):
+      train/p{p}-copy.png       layout + detail_0                   the image the generations copy
+      train/p{p}-look{i}.png    layout + shift + detail_i, i >= 1   look-alikes (detail from real textures)
+      gens: 12 x (copy + shift + small noise)
+    Details are high-pass (zero mean over every 4 x 4 block), so pooled at 1/4 of the size or coarser the
+    look-alikes equal the generations while the copy is ``shift`` away; in pixels the copy is about
+    ``shift`` away and the look-alikes far beyond delta. Returns the paths as ``planted_files`` does, and
+    ``truth``: prompt -> the copied file's name.
+    """
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    train_dir, gen_dir = root / "train", root / "gens"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    gen_dir.mkdir(parents=True, exist_ok=True)
+    textures = [_square(getattr(data, name)(), 4 * size).astype(np.float64) / 255.0 for name in TEXTURES]
+
+    def detail() -> np.ndarray:
+        tex = textures[int(rng.integers(len(textures)))]
+        y, x = (int(v) for v in rng.integers(0, 3 * size, 2))
+        crop = tex[y:y + size, x:x + size]
+        hp = _high_pass(crop, 4)
+        return amplitude * hp / max(1e-6, float(hp.std()))  # the same strength of detail everywhere
+
+    captions, manifest, truth = [], [], {}
+    for p in range(prompts):
+        photo = _square(getattr(data, TEMPLATED_PHOTOS[p % len(TEMPLATED_PHOTOS)])(), size).astype(np.float64) / 255.0
+        layout = 0.3 + 0.4 * photo  # room for most of the detail and the shift without clipping
+        copy = np.clip(layout + detail(), 0, 1)
+        name = f"p{p}-copy.png"
+        Image.fromarray((copy * 255 + 0.5).astype(np.uint8)).save(train_dir / name)
+        captions.append((name, f"template {p}"))
+        truth[f"template {p}"] = name
+        for i in range(1, lookalikes + 1):
+            look = np.clip(layout + shift + detail(), 0, 1)
+            look_name = f"p{p}-look{i}.png"
+            Image.fromarray((look * 255 + 0.5).astype(np.uint8)).save(train_dir / look_name)
+            captions.append((look_name, f"template {p}"))
+        for j in range(12):
+            gen = np.clip(copy + shift + rng.normal(0, 0.01, copy.shape), 0, 1)
+            gen_name = f"t{p}-{j}.png"
+            Image.fromarray((gen * 255 + 0.5).astype(np.uint8)).save(gen_dir / gen_name)
+            manifest.append((gen_name, f"template {p}", j))
+    with open(train_dir / "captions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "caption"])
+        w.writerows(captions)
+    with open(gen_dir / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "prompt", "seed"])
+        w.writerows(manifest)
+    return {"train": train_dir, "captions": train_dir / "captions.csv", "gens": gen_dir,
+            "manifest": gen_dir / "manifest.csv", "truth": truth}

@@ -75,6 +75,14 @@ m[2].metric("Text prompts", len(rc.prompts))
 m[3].caption(f"Changes are counted against the run's own thresholds: tau {params.edge_threshold:g}, "
              f"k {params.min_clique}, delta {params.delta:g}, grid {cache.grid} x {cache.grid}. "
              "Moving a slider recounts from cached distances.")
+if rc.clique_bounds:
+    st.warning(f"{rc.clique_bounds} prompts' largest clique at tau {rc.tau:.3f} is a lower bound: the exact search stopped "
+               "at its budget (setting clique_node_budget). Their flags can only rise with a larger budget; the table "
+               "marks them “lower bound”.", icon=":material/warning:")
+if rc.uncertain:
+    st.warning(f"{rc.uncertain} flagged prompts are counted not extracted, but their medoid's nearest training image is not "
+               "certified (the search stopped at nearest_budget) and could lie within delta. Raise nearest_budget and "
+               "audit again to settle them.", icon=":material/warning:")
 
 if not rc.prompts:
     st.info("This run has no text prompts (unconditional generations are judged one by one): review them on the Review page.")
@@ -97,15 +105,23 @@ if len(rows) > MAX_ROWS:
     st.caption(f"Showing the {MAX_ROWS} highest-ranked of {len(rows)} prompts; the filters narrow the list.")
     rows = rows[:MAX_ROWS]
 table = st.dataframe(
-    [{"#": i, "prompt": r.prompt, "generations": r.generations, "largest clique": r.largest_clique,
+    [{"#": i, "prompt": r.prompt, "generations": r.generations,
+      "largest clique": r.largest_clique, "clique": "exact" if r.clique_exact else "lower bound",
       "flagged": r.flagged, "extracted": r.extracted,
-      "mean tiled L2": r.mean_distance if r.largest_clique > 1 else None, "best L2": r.best_l2}
+      "mean tiled L2": r.mean_distance if r.largest_clique > 1 else None, "best L2": r.best_l2,
+      "nearest": "certified" if r.nearest_certified else "best found"}
      for i, r in enumerate(rows, 1)],
     hide_index=True, height="auto" if len(rows) <= 8 else 320, on_select="rerun", selection_mode="single-row", key="cliques_table",
     column_config={"#": st.column_config.NumberColumn(width="small"),
                    "prompt": st.column_config.TextColumn(width="large"),
                    "mean tiled L2": st.column_config.NumberColumn(format="%.4f"),
-                   "best L2": st.column_config.NumberColumn(format="%.4f")})
+                   "best L2": st.column_config.NumberColumn(format="%.4f"),
+                   "clique": st.column_config.TextColumn(
+                       help="exact: the largest clique's size is certain; lower bound: the search stopped at "
+                            "clique_node_budget, a larger clique may exist"),
+                   "nearest": st.column_config.TextColumn(
+                       help="certified: the training image at best L2 is the nearest of the whole training set; "
+                            "best found: the search stopped at nearest_budget, a nearer one may exist")})
 picked = table.selection.rows if table is not None and hasattr(table, "selection") else []
 row = rows[picked[0]] if picked and picked[0] < len(rows) else rows[0]
 
@@ -126,10 +142,11 @@ if not found:
 
 for gi, g in enumerate(found):
     nearest = g.neighbours[0] if g.neighbours else None
-    verdict = [f"{g.size} generations", f"mean tiled L2 {g.mean_distance:.4f}",
+    verdict = [f"{g.size if g.exact else f'at least {g.size}'} generations", f"mean tiled L2 {g.mean_distance:.4f}",
                "flagged" if g.size >= k else f"below k = {k}"]
     if nearest is not None:
-        verdict.append(f"nearest training L2 {nearest.l2:.4f} ({'<=' if nearest.l2 <= delta else '>'} delta)")
+        verdict.append(f"nearest training L2 {nearest.l2:.4f} ({'<=' if nearest.l2 <= delta else '>'} delta)"
+                       + ("" if g.nearest_certified else f", not certified: the true nearest is >= {g.nearest_lower:.4f}"))
     with st.expander(f"Group {gi + 1}: " + " · ".join(verdict), expanded=gi == 0):
         left, right = st.columns([5, 6], gap="medium")
         with left:
@@ -142,7 +159,9 @@ for gi, g in enumerate(found):
             if len(members) > MAX_MEMBERS:
                 st.caption(f"and {len(members) - MAX_MEMBERS} more")
         with right:
-            st.markdown("**Nearest training images** of the medoid (identical files shown once)")
+            st.markdown("**Nearest training images** of the medoid (identical files shown once)"
+                        + (" · the first is the certified nearest of the whole training set" if g.nearest_certified else
+                           " · not certified: the search stopped at its budget"))
             cols = st.columns(NEIGHBOURS)
             for j, n in enumerate(views.distinct_neighbours(g.neighbours)[:NEIGHBOURS]):
                 with cols[j]:
