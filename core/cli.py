@@ -34,7 +34,7 @@ def _emit(args: argparse.Namespace, summary: str, data: dict[str, Any]) -> None:
         print(summary)
 
 
-def _progress_printer(enabled: bool) -> Callable[[str, int, int], None] | None:
+def _progress_printer(enabled: bool, unit: str = "prompt") -> Callable[[str, int, int], None] | None:
     if not enabled:
         return None
     from tqdm import tqdm
@@ -44,7 +44,7 @@ def _progress_printer(enabled: bool) -> Callable[[str, int, int], None] | None:
     def progress(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="prompt", leave=False, file=sys.stderr)
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit=unit, leave=False, file=sys.stderr)
         bar.n = done
         bar.refresh()
         if done >= total:
@@ -212,6 +212,31 @@ def cmd_audit(args: argparse.Namespace) -> None:
                  f"(the search stopped at nearest_budget), {summary['uncertain_verdicts']} of them could be extractions; "
                  f"raise nearest_budget to settle them")
     _emit(args, text, {**summary, "parameters": params.to_dict()})
+
+
+def cmd_inpaint(args: argparse.Namespace) -> None:
+    from .inpaint import run_inpainting, summary
+
+    ws = _ws(args.workspace)
+    progress = _progress_printer(not args.json, unit="image")
+    try:
+        report = run_inpainting(ws, args.model, args.images, args.nonmembers, mask=args.inpaint_mask,
+                                samples=args.inpaint_samples, steps=args.inpaint_steps, seed=args.seed,
+                                batch_size=args.batch_size, device=args.device, score_draws=args.inpaint_score_draws,
+                                score_max_t=args.inpaint_score_max_t,
+                                progress=None if progress is None else lambda d, t: progress("inpainting", d, t))
+    finally:
+        if progress is not None:
+            progress.close()  # type: ignore[attr-defined]
+    s = summary(ws, report.run_id)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"inpainting run {report.run_id}: {report.images} images x {report.samples} completions, mask {s['mask']}, "
+             f"{report.seconds:.1f} s", "normalised L2 on the masked region, median   members   non-members   gap   AUC"]
+    for kind, what in (("chosen", "model-chosen (lowest loss)"), ("best", "best of N (oracle bound)"), ("mean", "mean of N")):
+        b = s[kind]
+        lines.append(f"  {what:28s} {fmt(b['members']['median']):>7s}   {fmt(b['nonmembers']['median']):>11s}   "
+                     f"{fmt(b['median_gap']):>5s}   {fmt(b['auc'])}")
+    _emit(args, "\n".join(lines), {**s, "seconds": report.seconds})
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -392,6 +417,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workspace", help="workspace folder")
     for name in AUDIT_SETTINGS:
         _setting_flag(p, name)
+
+    p = add("inpaint", cmd_inpaint, "Inpainting attack (the paper's Figure 12): mask part of each image, let the model "
+                                    "complete it N times, measure how close it comes for members and non-members; stores an inpainting run.")
+    p.add_argument("workspace", help="workspace folder")
+    p.add_argument("--model", required=True, help="pixel-space DDPM/DDIM model folder (RePaint), or a diffusers inpainting pipeline")
+    p.add_argument("--images", required=True, help="folder of member images, or a CSV manifest (path[,member])")
+    p.add_argument("--nonmembers", help="folder or CSV manifest of images the model was not trained on")
+    for name, flag in (("inpaint_mask", "--mask"), ("inpaint_samples", "--samples"), ("inpaint_steps", "--steps"), ("seed", None),
+                       ("batch_size", "--batch-size"), ("device", None), ("inpaint_score_draws", "--score-draws"),
+                       ("inpaint_score_max_t", "--score-max-t")):
+        _setting_flag(p, name, flag)
 
     p = add("export", cmd_export, "Export an audit run (JSON: everything; CSV: one row per candidate).")
     p.add_argument("workspace", help="workspace folder")

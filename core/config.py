@@ -154,6 +154,21 @@ _SETTINGS = [
             "from the first step alone).", 1, 1000),
     Setting("triage_samples", 4, int,
             "Starting noises per prompt that triage averages over (sample j uses seed + j).", 1, 4096),
+    # --- the inpainting attack (PAPER.md, Figure 12) ---
+    Setting("inpaint_mask", "left", str,
+            "Region the model must reconstruct: left, right, top or bottom half, center (the central square of "
+            "half the side), or a PNG mask file at the model's resolution (white = reconstruct). The paper masks the left half."),
+    Setting("inpaint_samples", 8, int,
+            "Completions per image, each from its own seed (sample j uses seed + j).", 1, 10_000),
+    Setting("inpaint_steps", 0, int,
+            "Sampling steps of each completion; 0 means the model's own default (the step grid memaudit's models "
+            "were trained on, else 50).", 0, 1000),
+    Setting("inpaint_score_draws", 2, int,
+            "Noise draws per timestep of the denoising loss that ranks one image's completions (the attacker keeps "
+            "the completion the model finds most likely). The same draws serve every completion of an image.", 1, 64),
+    Setting("inpaint_score_max_t", 0.3, float,
+            "The ranking loss is averaged over the sampling grid's timesteps up to this fraction of the noise "
+            "schedule (the paper's membership signal lies at low t, about 100 of 1000).", 0.0, 1.0),
 ]
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in _SETTINGS}

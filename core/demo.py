@@ -24,6 +24,8 @@ DEMO_BATCH = 64
 DEMO_SEED = 0
 DEMO_AUDIT = {"edge_threshold": 0.1, "min_clique": 10, "grid": 4, "delta": 0.15}
 DEMO_TRIAGE = {"method": "noise-norm", "steps": 1, "samples": 4, "seed": 0}
+# Inpainting on the digits model (assets/demo/digits): per_group members and as many non-members
+DEMO_INPAINT = {"per_group": 50, "mask": "left", "samples": 4, "steps": 20, "seed": 0}  # steps: the digits model's training grid
 
 
 @dataclass
@@ -34,6 +36,8 @@ class DemoResult:
     summary_counts: dict[str, Any]
     table: list[dict] = field(default_factory=list)
     triage: dict[str, Any] = field(default_factory=dict)
+    inpainting: dict[str, Any] | None = None  # the digits inpainting run's summary (None: skipped)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
@@ -45,13 +49,23 @@ class DemoResult:
         lines += [f"  {r['k']:>4}  ->  {r['prompts']:3d} / {r['flagged']:3d} / {r['extracted']:3d}" for r in self.table]
         if self.triage:
             lines += ["", self.triage["summary"]]
+        if self.inpainting is not None:
+            ip = self.inpainting
+            med = lambda kind, group: ip[kind][group]["median"]  # noqa: E731
+            lines += ["", f"inpainting run {ip['run_id']} on the digits model ({ip['members']} members, {ip['nonmembers']} "
+                          f"non-members, {ip['mask']} half masked, {ip['samples']} completions each): median L2 on the masked region",
+                      f"  model-chosen: members {med('chosen', 'members'):.3f}, non-members {med('chosen', 'nonmembers'):.3f} "
+                      f"(AUC {ip['chosen']['auc']:.2f})",
+                      f"  best of N (oracle bound): members {med('best', 'members'):.3f}, non-members {med('best', 'nonmembers'):.3f}"]
+        lines += [f"note: {n}" for n in self.notes]
         lines.append("")
         lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
         return {"workspace": str(self.workspace), "run_id": self.run_id, "seconds": self.seconds,
-                "counts": self.summary_counts, "figure5": self.table, "triage": self.triage}
+                "counts": self.summary_counts, "figure5": self.table, "triage": self.triage,
+                "inpainting": self.inpainting, "notes": self.notes}
 
 
 def build_demo(root: str | Path, *, progress: bool = True, per_prompt: int = DEMO_PER_PROMPT, steps: int = DEMO_STEPS,
@@ -90,8 +104,56 @@ def build_demo(root: str | Path, *, progress: bool = True, per_prompt: int = DEM
                      "extracted": check.positives, "auc": check.auc, "tpr_at_1pct_fpr": check.tpr_at_1pct_fpr,
                      "keep_all_threshold": check.keep_all_threshold, "keep_all_rank": check.keep_all_rank,
                      "summary": check.summary()}
-    return DemoResult(ws.root, run_id, seconds, audit.count_summary(ws, run_id), audit.caption_duplicate_table(ws, run_id),
-                      triage_result)
+    result = DemoResult(ws.root, run_id, seconds, audit.count_summary(ws, run_id), audit.caption_duplicate_table(ws, run_id),
+                        triage_result)
+
+    t = time.perf_counter()
+    result.inpainting = demo_inpainting(ws, device=device, notes=result.notes)
+    seconds["inpainting"] = time.perf_counter() - t
+    return result
+
+
+def demo_inpainting(ws: Workspace, digits: Path | None = None, *, per_group: int = DEMO_INPAINT["per_group"],
+                    steps: int = DEMO_INPAINT["steps"], device: str = "cpu",
+                    notes: list[str] | None = None) -> dict[str, Any] | None:
+    """The inpainting attack (Figure 12) on the digits model: a seeded sample of ``per_group`` members
+    and as many non-members from ``split.csv``. Reuses a finished run of the same model and settings;
+    returns its summary, or None (with a note) when the digits assets are not there."""
+    import csv
+    import random
+    import tempfile
+
+    from . import inpaint
+    from .demo_data import DEMO_DIR
+
+    digits = Path(digits) if digits is not None else DEMO_DIR / "digits"
+    split, model = digits / "split.csv", digits / "model"
+    if not split.is_file() or not (model / "model_index.json").is_file():
+        if notes is not None:
+            notes.append(f"inpainting skipped: {digits} has no split.csv and model/ (the digits membership demo)")
+        return None
+    with open(split, newline="", encoding="utf-8") as f:
+        rows = [(r["path"], r["member"].strip()) for r in csv.DictReader(f)]
+    rng = random.Random(DEMO_INPAINT["seed"])
+    picked = [row for flag in ("1", "0")
+              for row in rng.sample([r for r in rows if r[1] == flag], min(per_group, sum(r[1] == flag for r in rows)))]
+    wanted = {"mask": DEMO_INPAINT["mask"], "samples": DEMO_INPAINT["samples"], "steps": steps, "seed": DEMO_INPAINT["seed"]}
+    sources = sorted(str((digits / p).resolve()) for p, _ in picked)
+    from .generate import weights_hash
+
+    digest = weights_hash(model)
+    for run in reversed(inpaint.list_runs(ws)):
+        if (run.mask, run.samples, run.steps, run.seed) == tuple(wanted.values()) and run.model_ref == str(model.resolve()) \
+                and run.params.get("weights_hash") == digest and sorted(i.source_path for i in inpaint.run_images(ws, run.id, with_samples=False)) == sources:
+            return inpaint.summary(ws, run.id)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = Path(tmp) / "sample.csv"
+        with open(manifest, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "member"])
+            w.writerows((str((digits / p).resolve()), flag) for p, flag in picked)
+        report = inpaint.run_inpainting(ws, str(model), manifest, device=device, **wanted)
+    return inpaint.summary(ws, report.run_id)
 
 
 def _same_params(a, b) -> bool:

@@ -1,4 +1,4 @@
-"""Export an audit run as JSON (everything, with the workspace's triage runs) or CSV (one row per candidate)."""
+"""Export an audit run as JSON (everything, with the workspace's triage and inpainting runs) or CSV (one row per candidate)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,20 @@ CSV_COLUMNS = ("id", "prompt", "group_rank", "clique_size", "clique_exact", "mea
 
 
 def export_json(ws: Workspace, run_id: int | None = None) -> dict[str, Any]:
-    from . import audit, labels, triage
+    """The audit run (default: the latest) with everything, plus the workspace's other runs
+    (``triage_runs``, ``inpainting_runs``). A workspace holding such runs and no audit run exports
+    those alone (``run_id`` null).
+    """
+    from . import audit, inpaint, triage
+
+    others = {"triage_runs": triage.export(ws), "inpainting_runs": inpaint.export_runs(ws)}
+    if run_id is None and audit.latest_run(ws) is None and any(others.values()):
+        return {"run_id": None, **others}
+    return {**_audit_json(ws, run_id), **others}
+
+
+def _audit_json(ws: Workspace, run_id: int | None) -> dict[str, Any]:
+    from . import audit, labels
 
     run_id = audit._require_run(ws, run_id)
     params = audit.run_params(ws, run_id)
@@ -49,7 +62,7 @@ def export_json(ws: Workspace, run_id: int | None = None) -> dict[str, Any]:
                "reviewer": e.reviewer, "label": e.label, "note": e.note, "created_at": e.created_at, "undoes": e.undoes}
               for e in labels.label_events(ws)]
     return {"run_id": run_id, "parameters": params.to_dict(), "summary": audit.count_summary(ws, run_id),
-            "prompts": prompts, "candidates": out_cands, "label_events": events, "triage_runs": triage.export(ws)}
+            "prompts": prompts, "candidates": out_cands, "label_events": events}
 
 
 def export_csv(ws: Workspace, run_id: int | None = None) -> str:
@@ -57,7 +70,7 @@ def export_csv(ws: Workspace, run_id: int | None = None) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for c in data["candidates"]:
+    for c in data.get("candidates", []):
         row = dict(c)
         row["labels"] = ";".join(f"{r}={lab}" for r, lab in sorted(c["labels"].items()))
         row["prompt"] = "" if c["prompt"] is None else c["prompt"]

@@ -56,7 +56,8 @@ def _empty(title: str, message: str, height: int = 320) -> "go.Figure":
 
 def distance_distributions(positive: Sequence[float], negative: Sequence[float], *, metric: str = "l2",
                            threshold: float | None = None, positive_name: str = "memorised",
-                           negative_name: str = "not memorised", title: str | None = None) -> "go.Figure":
+                           negative_name: str = "not memorised", title: str | None = None,
+                           count_name: str = "pairs") -> "go.Figure":
     """Figure 4: overlaid histograms of one metric for memorised and not-memorised pairs.
 
     Both histograms share one set of bins over the pooled range; ``threshold`` (delta, or a
@@ -89,7 +90,7 @@ def distance_distributions(positive: Sequence[float], negative: Sequence[float],
     if threshold is not None:
         fig.add_vline(x=threshold, line_dash="dash", line_color="#333",
                       annotation_text=f"{threshold:.3g}", annotation_position="top right")
-    return _layout(fig, title, name, "pairs")
+    return _layout(fig, title, name, count_name)
 
 
 def extraction_rate_by_duplicates(bins: Sequence[tuple[str, int, int]], *, delta: float | None = None) -> "go.Figure":

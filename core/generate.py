@@ -250,8 +250,11 @@ def _output_size(pipe: Any) -> tuple[int, int] | None:
     return int(h) * int(factor), int(w) * int(factor)
 
 
-def load_pipeline(ref: str, device: str) -> LoadedPipeline:
+def load_pipeline(ref: str, device: str, accept: frozenset[str] = frozenset()) -> LoadedPipeline:
     """Load a diffusers pipeline from a local folder or hub id onto ``device`` (fp16 on CUDA).
+
+    ``accept`` names further call parameters the pipeline may require (an inpainting pipeline's
+    ``image`` and ``mask_image`` for core.inpaint); any other required one is refused.
 
     Safety checkers are removed (``safety_checker=None``, ``requires_safety_checker=False``):
     they replace flagged images by black ones, and the audit must see what the model makes.
@@ -293,8 +296,8 @@ def load_pipeline(ref: str, device: str) -> LoadedPipeline:
     call = inspect.signature(pipe.__call__).parameters
     required = {n for n, p in call.items()
                 if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    if required - _ALLOWED_REQUIRED:
-        raise ModelError(f"{type(pipe).__name__} in {ref} needs {', '.join(sorted(required - _ALLOWED_REQUIRED))} as input; "
+    if required - _ALLOWED_REQUIRED - accept:
+        raise ModelError(f"{type(pipe).__name__} in {ref} needs {', '.join(sorted(required - _ALLOWED_REQUIRED - accept))} as input; "
                          "memaudit generates from prompts, class labels or nothing, so use a text-to-image, class-conditional or unconditional model")
     kind = "text2image" if "prompt" in call else "class" if "class_labels" in call else "unconditional"
     labels: dict[str, int] = {}

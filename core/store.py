@@ -148,6 +148,33 @@ CREATE TABLE triage_scores(
   PRIMARY KEY (run_id, prompt_id));
 CREATE INDEX triage_scores_rank ON triage_scores(run_id, score);
 """),
+    ("inpainting runs", """
+CREATE TABLE inpainting_runs(
+  id INTEGER PRIMARY KEY, created_at TEXT NOT NULL, finished_at TEXT,
+  status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+  model_id INTEGER REFERENCES models(id),
+  mask TEXT NOT NULL,               -- left | right | top | bottom | center | the mask file, resolved
+  samples INTEGER NOT NULL, steps INTEGER NOT NULL, seed INTEGER NOT NULL,
+  mask_path TEXT NOT NULL,          -- the mask as used, at the model's resolution (white = reconstructed)
+  params TEXT NOT NULL);
+CREATE TABLE inpainting_images(
+  id INTEGER PRIMARY KEY,
+  run_id INTEGER NOT NULL REFERENCES inpainting_runs(id) ON DELETE CASCADE,
+  position INTEGER NOT NULL,
+  source_path TEXT NOT NULL,        -- the file as given, resolved
+  path TEXT NOT NULL,               -- the original at the model's resolution, in the workspace
+  member INTEGER NOT NULL,
+  distance_best REAL NOT NULL,      -- oracle bound: the closest completion
+  distance_mean REAL NOT NULL,
+  distance_chosen REAL,             -- the completion with the lowest denoising loss (NULL: no loss for this model)
+  chosen_sample INTEGER,
+  UNIQUE (run_id, position));
+CREATE TABLE inpainting_samples(
+  image_id INTEGER NOT NULL REFERENCES inpainting_images(id) ON DELETE CASCADE,
+  sample INTEGER NOT NULL, seed INTEGER NOT NULL,
+  path TEXT NOT NULL, distance REAL NOT NULL, loss REAL,
+  PRIMARY KEY (image_id, sample));
+"""),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -257,6 +257,23 @@ def display_image(ws: Workspace, relpath: str, min_side: int = 192) -> np.ndarra
     return upscale_nearest(np.asarray(load_image(ws.resolve(relpath)), dtype=np.uint8), min_side)
 
 
+MASK_SHADE = (128, 128, 128)  # how a masked input shows the region the model had to reconstruct
+
+
+def masked_input(ws: Workspace, image_path: str, mask_path: str, min_side: int = 0) -> np.ndarray:
+    """An inpainting input as the model saw it: the stored original with the mask's white region painted
+    grey, uint8 (H, W, 3), enlarged with nearest neighbour to at least ``min_side``."""
+    from .errors import ImageError
+    from .images import load_image
+
+    img = np.array(load_image(ws.resolve(image_path)), dtype=np.uint8)
+    mask = np.asarray(load_image(ws.resolve(mask_path)).convert("L")) >= 128
+    if mask.shape != img.shape[:2]:
+        raise ImageError(f"{mask_path} is not the size of {image_path}; the run's files were changed")
+    img[mask] = MASK_SHADE
+    return upscale_nearest(img, min_side)
+
+
 def pair_arrays(ws: Workspace, generation_path: str, training_path: str, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A generation and a training image at one resolution (the working-resolution rule), float32 in [0, 1].
 

@@ -38,6 +38,7 @@ def pages() -> list[st.Page]:
         st.Page("app_pages/review.py", title="Review", icon=":material/rate_review:"),
         st.Page("app_pages/calibrate.py", title="Calibrate", icon=":material/tune:"),
         st.Page("app_pages/training.py", title="Training data", icon=":material/photo_library:"),
+        st.Page("app_pages/inpainting.py", title="Inpainting", icon=":material/format_paint:"),
         st.Page("app_pages/export.py", title="Export", icon=":material/download:"),
     ]
 
@@ -149,6 +150,21 @@ def show_image(ws: Workspace, relpath: str, width: int, caption: str | None = No
         st.warning(str(e))
         return
     st.image(arr, width="stretch" if fill else width, caption=caption, output_format="PNG")  # lossless: copies are judged on pixels
+
+
+@st.cache_data(show_spinner=False, max_entries=2000)
+def _masked(root: str, image_path: str, mask_path: str, min_side: int) -> np.ndarray:
+    return views.masked_input(Workspace(root), image_path, mask_path, min_side)
+
+
+def show_masked_input(ws: Workspace, image_path: str, mask_path: str, width: int, caption: str | None = None) -> None:
+    """An inpainting run's input (the original with the masked region grey) at ``width`` CSS pixels."""
+    try:
+        arr = _masked(str(ws.root), image_path, mask_path, width)
+    except MemauditError as e:
+        st.warning(str(e))
+        return
+    st.image(arr, width=width, caption=caption, output_format="PNG")
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -82,20 +82,21 @@ def write_tokenizer_files(folder: str | Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def build_text2image(path: str | Path, *, seed: int = 0) -> Path:
-    """Save a tiny StableDiffusionPipeline (16 x 16 images, no safety checker) to ``path``.
+def build_text2image(path: str | Path, *, seed: int = 0, inpainting: bool = False) -> Path:
+    """Save a tiny StableDiffusionPipeline (16 x 16 images, no safety checker) to ``path``;
+    with ``inpainting`` a StableDiffusionInpaintPipeline (UNet input: latents, mask, masked-image latents).
 
     UNet2DConditionModel with channels 8/16 and cross-attention width 16 on 8 x 8 x 4 latents,
     AutoencoderKL with channels 8/16 (scale factor 2), a 2-layer CLIP text encoder of width 16.
     """
     import tempfile
 
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     _seeded(seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=8, in_channels=9 if inpainting else 4, out_channels=4, layers_per_block=1,
         block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -118,7 +119,7 @@ def build_text2image(path: str | Path, *, seed: int = 0) -> Path:
         num_train_timesteps=100, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
+    pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
