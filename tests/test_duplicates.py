@@ -319,3 +319,30 @@ def test_clip_similarity_confirms_pairs_when_set(tmp_path):
     assert stored_counts(ws) == {kept: 3, dropped: 1, "mid.png": 3, "mid-copy.png": 3}  # identical files always count
     with ws.connect() as con:
         assert con.execute("SELECT COUNT(*) FROM duplicate_pairs WHERE similarity IS NULL").fetchone()[0] == 0
+
+
+def test_training_page_shows_per_image_counts(tmp_path):
+    """The Training data page: the largest count, the captions by count, and the groups with their first image's count."""
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard import ui
+
+    ws = Workspace.init(tmp_path / "ws")
+    chain_of_three(tmp_path / "a")
+    for i in range(3):
+        (tmp_path / "a" / f"mid-copy{i}.png").write_bytes((tmp_path / "a" / "mid.png").read_bytes())
+    (tmp_path / "c.csv").write_text("file,caption\ndark.png,a dark astronaut\nmid.png,an astronaut\n"
+                                    "light.png,a light astronaut\n")
+    add_training(ws, tmp_path / "a", tmp_path / "c.csv")
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"), default_timeout=60)
+    at.session_state[ui.WS_KEY] = str(ws.root)
+    at.switch_page("app_pages/training.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Largest duplicate count"] == "6" and metrics["With near-duplicates"] == "6"
+    table = at.dataframe[0].value
+    # one row per group: the middle image (within the threshold of all five others) and its own count
+    assert table["caption"].tolist() == ["an astronaut"] and table["duplicate count"].tolist() == [6]
+    cards = [m.value for m in at.markdown if m.value.startswith("**duplicate count")]
+    assert cards == ["**duplicate count 6** · 6 images in this group · “a dark astronaut” · “a light astronaut” · “an astronaut”"]
