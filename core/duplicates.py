@@ -101,13 +101,35 @@ def exact_l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(out / flat_a.shape[1]) / 255.0
 
 
+def pair_l2(arrays: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Exact normalised L2 between arrays[src[i]] and arrays[dst[i]], gathered chunk by chunk."""
+    out = np.empty(len(src), dtype=np.float64)
+    for s in range(0, len(src), EXACT_CHUNK):
+        out[s:s + EXACT_CHUNK] = exact_l2(arrays[src[s:s + EXACT_CHUNK]], arrays[dst[s:s + EXACT_CHUNK]])
+    return out
+
+
 def pooled(arrays: np.ndarray, side: int) -> np.ndarray:
-    """float32 (n, 3 side^2): area-pooled uint8 arrays scaled so that Euclidean distance = normalised L2."""
+    """float32 (n, 3 side^2): area-pooled uint8 arrays scaled so that Euclidean distance = normalised L2.
+
+    When ``side`` divides S, area pooling is the mean of each block, summed here in integers
+    (exact); otherwise ``core.embed.PixelEmbedder``'s fractional area weights are used.
+    """
+    n, size = len(arrays), arrays.shape[1]
+    dim = 3 * side * side
+    out = np.empty((n, dim), dtype=np.float32)
+    if size % side == 0:
+        r = size // side
+        scale = 1.0 / (r * r * 255.0 * np.sqrt(dim))
+        for s in range(0, n, 4096):
+            block = np.asarray(arrays[s:s + 4096]).reshape(-1, side, r, side, r, 3)
+            sums = block.sum(axis=(2, 4), dtype=np.uint32)
+            out[s:s + 4096] = (sums.reshape(len(block), dim) * scale).astype(np.float32)
+        return out
     from .embed import PixelEmbedder
 
     embedder = PixelEmbedder(side)
-    out = np.empty((len(arrays), embedder.dim), dtype=np.float32)
-    for s in range(0, len(arrays), 4096):
+    for s in range(0, n, 4096):
         out[s:s + 4096] = embedder.embed(np.asarray(arrays[s:s + 4096]))
     return out
 
@@ -286,45 +308,60 @@ def _clip_vectors(ws: Workspace, ids: np.ndarray) -> np.ndarray:
     return np.asarray(index.vectors[at], dtype=np.float32)
 
 
-def _candidates(coarse_index, coarse: np.ndarray, fine: np.ndarray, rows: np.ndarray,
-                threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (p, q), p in ``rows``, q != p, whose pooled lower bounds do not exceed ``threshold``."""
-    lims, _, found = coarse_index.range_search(np.ascontiguousarray(coarse[rows]), threshold ** 2 + RANGE_MARGIN)
-    src = np.repeat(rows, np.diff(lims).astype(np.int64))
-    dst = found.astype(np.int64)
-    keep = src != dst
-    src, dst = src[keep], dst[keep]
-    bound = np.empty(len(src), dtype=np.float32)
-    for s in range(0, len(src), 65_536):
-        bound[s:s + 65_536] = np.sqrt(np.square(fine[src[s:s + 65_536]] - fine[dst[s:s + 65_536]]).sum(axis=1))
-    keep = bound <= threshold + FINE_TOLERANCE
-    return src[keep], dst[keep]
+class PairFinder:
+    """Every pair within ``threshold`` (exact L2 of the uint8 arrays) that involves a given image; pure, no workspace."""
+
+    def __init__(self, arrays: np.ndarray, threshold: float):
+        import faiss
+
+        if arrays.ndim != 4 or arrays.shape[-1] != 3 or arrays.dtype != np.uint8:
+            raise ValueError(f"PairFinder needs uint8 arrays of shape (n, S, S, 3), got {arrays.dtype} {arrays.shape}")
+        self.arrays = arrays
+        self.threshold = float(threshold)
+        self.coarse = pooled(arrays, COARSE)
+        self.fine = pooled(arrays, FINE)
+        self.index = faiss.IndexFlatL2(self.coarse.shape[1])
+        self.index.add(self.coarse)
+
+    def candidates(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions (p, q), p in ``rows``, q != p, whose pooled lower bounds do not exceed the threshold."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lims, _, found = self.index.range_search(np.ascontiguousarray(self.coarse[rows]), self.threshold ** 2 + RANGE_MARGIN)
+        src = np.repeat(rows, np.diff(lims).astype(np.int64))
+        dst = found.astype(np.int64)
+        keep = src != dst
+        src, dst = src[keep], dst[keep]
+        bound = np.empty(len(src), dtype=np.float32)
+        for s in range(0, len(src), 65_536):
+            bound[s:s + 65_536] = np.sqrt(np.square(self.fine[src[s:s + 65_536]] - self.fine[dst[s:s + 65_536]]).sum(axis=1))
+        keep = bound <= self.threshold + FINE_TOLERANCE
+        return src[keep], dst[keep]
+
+    def pairs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(p, q, exact L2, candidates measured): every q within the threshold of each p in ``rows``."""
+        src, dst = self.candidates(rows)
+        dist = pair_l2(self.arrays, src, dst)
+        ok = dist <= self.threshold
+        return src[ok], dst[ok], dist[ok], len(src)
 
 
 def _check(ws: Workspace, ids: np.ndarray, arrays: np.ndarray, sha: list[str], todo: np.ndarray, threshold: float,
            clip_similarity: float, clip: np.ndarray | None, progress: Callable[[str, int, int], None] | None) -> int:
     """Find, confirm and store the pairs of every image in ``todo`` (positions) with every image; return the candidates."""
-    import faiss
-
-    coarse = pooled(arrays, COARSE)
-    fine = pooled(arrays, FINE)
-    index = faiss.IndexFlatL2(coarse.shape[1])
-    index.add(coarse)
+    finder = PairFinder(arrays, threshold)
     candidates = 0
     for s in range(0, len(todo), QUERY_BATCH):
         batch = todo[s:s + QUERY_BATCH]
-        src, dst = _candidates(index, coarse, fine, batch, threshold)
-        candidates += len(src)
-        dist = exact_l2(arrays[src], arrays[dst]) if len(src) else np.zeros(0)
-        ok = dist <= threshold
+        src, dst, dist, measured = finder.pairs(batch)
+        candidates += measured
         sim = np.full(len(src), np.nan)
         if clip is not None and len(src):
             sim = np.einsum("ij,ij->i", clip[src].astype(np.float64), clip[dst].astype(np.float64))
             same_file = np.fromiter((sha[a] == sha[b] for a, b in zip(src, dst)), dtype=bool, count=len(src))
-            ok &= same_file | (sim >= clip_similarity)
-        a, b = np.minimum(ids[src[ok]], ids[dst[ok]]), np.maximum(ids[src[ok]], ids[dst[ok]])
-        pairs = [(int(x), int(y), float(d), None if np.isnan(v) else float(v))
-                 for x, y, d, v in zip(a, b, dist[ok], sim[ok])]
+            ok = same_file | (sim >= clip_similarity)
+            src, dst, dist, sim = src[ok], dst[ok], dist[ok], sim[ok]
+        a, b = np.minimum(ids[src], ids[dst]), np.maximum(ids[src], ids[dst])
+        pairs = [(int(x), int(y), float(d), None if np.isnan(v) else float(v)) for x, y, d, v in zip(a, b, dist, sim)]
         touched = sorted({int(i) for i in ids[batch]} | {int(i) for i in a} | {int(i) for i in b})
         with ws.transaction() as con:
             con.executemany("INSERT OR IGNORE INTO duplicate_pairs(a, b, l2, similarity) VALUES (?, ?, ?, ?)", pairs)

@@ -308,10 +308,24 @@ def add_training(ws: Workspace, folder: str | Path, captions: str | Path | None 
             con.executemany("UPDATE training_images SET caption = ? WHERE source_path = ? AND caption IS NULL", fill)
     if new_ids:
         index.add(np.asarray(new_ids, dtype=np.int64), np.stack(new_vectors))
+    else:
+        _rewrite_stale_index_row(ws, index)
     groups = duplicates.update(ws, fresh=new_arrays).groups
     return TrainingReport(added=len(new_ids), skipped=skipped, already_present=already, captioned=captioned,
                           captions_filled=len(fill), unmatched_captions=len(set(match.captions) - match.used),
                           duplicate_groups=groups, messages=messages)
+
+
+def _rewrite_stale_index_row(ws: Workspace, index: TrainingIndex) -> None:
+    """Save the pixel index when its ``indexes`` row lags its files (a kill between the two writes).
+
+    ``TrainingIndex.open`` accepts complete files under a stale row; a rerun that adds nothing
+    would otherwise leave the row's count behind the index it describes.
+    """
+    with ws.connect() as con:
+        row = con.execute("SELECT count, max_training_id FROM indexes WHERE embedder = 'pixel'").fetchone()
+    if row is None or (row["count"], row["max_training_id"]) != (index.count, index.max_training_id):
+        index.save()
 
 
 # ---------------------------------------------------------------------------- duplicates

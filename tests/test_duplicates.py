@@ -346,3 +346,13 @@ def test_training_page_shows_per_image_counts(tmp_path):
     assert table["caption"].tolist() == ["an astronaut"] and table["duplicate count"].tolist() == [6]
     cards = [m.value for m in at.markdown if m.value.startswith("**duplicate count")]
     assert cards == ["**duplicate count 6** · 6 images in this group · “a dark astronaut” · “a light astronaut” · “an astronaut”"]
+
+
+def test_block_pooling_equals_the_area_filter_embedder():
+    """The integer block means used when the side divides S are the pixel embedder's area pooling."""
+    rng = np.random.default_rng(0)
+    arrays = rng.integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
+    for side in (8, 16):
+        np.testing.assert_allclose(duplicates.pooled(arrays, side), PixelEmbedder(side).embed(arrays), rtol=0, atol=1e-6)
+    odd = rng.integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)  # 16 does not divide 40: fractional weights
+    np.testing.assert_allclose(duplicates.pooled(odd, 16), PixelEmbedder(16).embed(odd), rtol=0, atol=1e-6)
