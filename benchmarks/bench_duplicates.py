@@ -70,7 +70,8 @@ def brute_force(arrays: np.ndarray, rows: np.ndarray) -> tuple[set[tuple[int, in
     """Pairs (p, q) with exact L2 <= THRESHOLD for p in ``rows``, q any other image; and the seconds it took."""
     start = time.perf_counter()
     flat = arrays.reshape(len(arrays), -1)
-    sq_all = np.einsum("ij,ij->i", flat.astype(np.float64), flat.astype(np.float64))
+    sq_all = np.concatenate([np.einsum("ij,ij->i", b, b, dtype=np.int64) for b in
+                             (flat[s:s + 4096].astype(np.int32) for s in range(0, len(flat), 4096))]).astype(np.float64)
     q = flat[rows].astype(np.float64)
     limit = THRESHOLD ** 2 * flat.shape[1] * 255.0 ** 2
     pairs = set()

@@ -70,11 +70,14 @@ def brighter(arr: np.ndarray, levels: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def chain_folder(tmp_path_factory) -> tuple[Path, Path, dict[str, int]]:
+    return write_chain_folder(tmp_path_factory.mktemp("chains"))
+
+
+def write_chain_folder(root: Path) -> tuple[Path, Path, dict[str, int]]:
     """The measured case: 200 distinct crops, ten present 20 times, ten 5 times, the rest once.
 
     Copies are byte copies, brightness shifts (+-2 levels) and JPEG re-encodes; every copy has its
     original's caption. Returns (folder, captions file, expected count by file name)."""
-    root = tmp_path_factory.mktemp("chains")
     folder = root / "train"
     crops = texture_crops(200)
     expected: dict[str, int] = {}
