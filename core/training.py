@@ -108,7 +108,8 @@ def _read_csv(path: Path, text: str) -> dict[str, str]:
             raise InputError(f"{path}: empty captions file; give a header row with file,caption")
         names = [h.strip().lower() for h in header]
         if "caption" not in names or not any(k in names for k in KEY_COLUMNS):
-            raise InputError(f"{path}: the header ({', '.join(header) or 'empty'}) needs a 'caption' column and a "
+            shown = " ".join(", ".join(header).split()) or "empty"  # one line, even if a quoted cell holds a newline
+            raise InputError(f"{path}: the header ({shown}) needs a 'caption' column and a "
                              "'file' or 'path' column")
         ki = names.index(next(k for k in KEY_COLUMNS if k in names))
         ci = names.index("caption")

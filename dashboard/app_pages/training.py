@@ -26,7 +26,7 @@ m[4].metric("Largest duplicate count", summary["max_duplicates"],
             help="an image's duplicate count: the training images within the duplicate threshold of it, itself included")
 
 st.subheader("Most duplicated captions")
-st.caption("The paper's prompt selection: captions of the training images with the highest duplicate counts, "
+st.caption("Prompt selection by duplicate count, as in the paper: captions of the training images with the highest counts, "
            "one per group of copies. Select rows and send them to the Generate page.")
 n = st.columns([1, 4])[0].number_input("How many", 1, 10_000, 50, key="training_top_n", persist_state="session")
 top = [(training.prompt_line(cap), count, tid) for cap, count, tid in training.top_duplicated(ws, int(n))]
