@@ -110,7 +110,7 @@ def open_in_browser(url: str) -> bool:
     if (sys.platform.startswith("linux") and not any(os.environ.get(v) for v in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER"))):
         return False
     try:
-        return bool(webbrowser.open(url, new=2))
+        return bool(webbrowser.open_new_tab(url))
     except webbrowser.Error:
         return False
 
