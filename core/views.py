@@ -109,10 +109,12 @@ def extraction_by_duplicates(ws: Workspace, run_id: int) -> DuplicateRates:
 
     Where prompts are training captions (the paper's setting), k is the duplicate count of the
     captioned image; otherwise a prompt is attributed to the training image nearest to its
-    largest clique's medoid.
+    largest clique's medoid. The duplicate counts are brought up to date first (a changed
+    ``duplicate_threshold`` recounts them: ``core.duplicates.ensure``).
     """
-    from . import audit
+    from . import audit, duplicates
 
+    duplicates.ensure(ws)
     rows = audit.caption_duplicate_table(ws, run_id)
     if rows:
         return DuplicateRates("prompts that are training captions, by the duplicate count of the captioned image",

@@ -359,3 +359,24 @@ def test_block_pooling_equals_the_area_filter_embedder():
         np.testing.assert_allclose(duplicates.pooled(arrays, side), PixelEmbedder(side).embed(arrays), rtol=0, atol=1e-6)
     odd = rng.integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)  # 16 does not divide 40: fractional weights
     np.testing.assert_allclose(duplicates.pooled(odd, 16), PixelEmbedder(16).embed(odd), rtol=0, atol=1e-6)
+
+
+def test_figure5_reads_counts_brought_up_to_date(tmp_path):
+    """After a threshold change, Figure 5's rows (views.extraction_by_duplicates) use the recounted duplicate counts."""
+    from core import views
+
+    ws = Workspace.init(tmp_path / "ws")
+    chain_of_three(tmp_path / "a")
+    add_training(ws, tmp_path / "a")
+    ws.set_setting("duplicate_threshold", 0.12)
+    assert not duplicates.is_current(ws)
+    import dataclasses
+
+    from core import config
+    from core.records import AuditParams
+
+    params = {f.name: config.default(f.name) for f in dataclasses.fields(AuditParams) if f.name in config.SETTINGS}
+    with ws.transaction() as con:  # a finished run needs no generations to exercise the count refresh
+        con.execute("INSERT INTO audit_runs(created_at, status, params) VALUES ('now', 'done', ?)", (json.dumps(params),))
+    views.extraction_by_duplicates(ws, 1)
+    assert duplicates.is_current(ws) and stored_counts(ws) == {"dark.png": 3, "mid.png": 3, "light.png": 3}
