@@ -319,9 +319,17 @@ class PairFinder:
         self.arrays = arrays
         self.threshold = float(threshold)
         self.coarse = pooled(arrays, COARSE)
-        self.fine = pooled(arrays, FINE)
         self.index = faiss.IndexFlatL2(self.coarse.shape[1])
         self.index.add(self.coarse)
+        # 16 x 16 vectors are pooled only for images that appear in a candidate pair, once each
+        self.fine = np.zeros((len(arrays), 3 * FINE * FINE), dtype=np.float32)
+        self.have_fine = np.zeros(len(arrays), dtype=bool)
+
+    def _fine(self, rows: np.ndarray) -> None:
+        need = np.unique(rows[~self.have_fine[rows]])
+        if len(need):
+            self.fine[need] = pooled(self.arrays[need], FINE)
+            self.have_fine[need] = True
 
     def candidates(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions (p, q), p in ``rows``, q != p, whose pooled lower bounds do not exceed the threshold."""
@@ -331,6 +339,8 @@ class PairFinder:
         dst = found.astype(np.int64)
         keep = src != dst
         src, dst = src[keep], dst[keep]
+        self._fine(src)
+        self._fine(dst)
         bound = np.empty(len(src), dtype=np.float32)
         for s in range(0, len(src), 65_536):
             bound[s:s + 65_536] = np.sqrt(np.square(self.fine[src[s:s + 65_536]] - self.fine[dst[s:s + 65_536]]).sum(axis=1))
