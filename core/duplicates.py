@@ -428,12 +428,3 @@ def _update_groups(ws: Workspace) -> int:
     with ws.connect() as con:
         return con.execute("SELECT COUNT(*) FROM (SELECT duplicate_group FROM training_images "
                            "GROUP BY duplicate_group HAVING COUNT(*) > 1)").fetchone()[0]
-
-
-def pairs_of(ws: Workspace, training_id: int) -> list[tuple[int, float]]:
-    """The images within the duplicate threshold of ``training_id`` (itself left out): (id, exact L2), nearest first."""
-    with ws.connect() as con:
-        rows = con.execute("SELECT b AS other, l2 FROM duplicate_pairs WHERE a = ? UNION ALL "
-                           "SELECT a AS other, l2 FROM duplicate_pairs WHERE b = ? ORDER BY l2, other",
-                           (int(training_id), int(training_id))).fetchall()
-    return [(int(r[0]), float(r[1])) for r in rows]
