@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("init", cmd_init, "Create an empty workspace (a folder with audit.db).")
     p.add_argument("workspace", help="workspace folder to create")
 
-    p = add("add-training", cmd_add_training, "Ingest a folder of training images (recursive; png/jpg/webp), index them and count near-duplicates.")
+    p = add("add-training", cmd_add_training, "Ingest a folder of training images (recursive; png/jpg/webp), index them and update every image's "
+                "duplicate count (the training images within duplicate_threshold of it).")
     p.add_argument("workspace", help="workspace folder")
     p.add_argument("folder", help="folder of training images")
     p.add_argument("--captions", help="CSV (file,caption) or JSONL captions file")
@@ -446,9 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workspace", help="workspace folder")
     p.add_argument("--reviewer", required=True, help="whose latest label to undo")
 
-    p = add("duplicates", cmd_duplicates, "List the most duplicated training images and write their captions as a prompts file (the paper's prompt selection).")
+    p = add("duplicates", cmd_duplicates, "List the most duplicated training images, one per group of copies, with their duplicate counts, and "
+                "write their captions as a prompts file (prompt selection by duplicate count, as in the paper).")
     p.add_argument("workspace", help="workspace folder")
-    p.add_argument("--top", type=int, default=100, help="how many duplicate groups (default 100)")
+    p.add_argument("--top", type=int, default=100, help="how many images, one per group of copies (default 100)")
     p.add_argument("--out", help="write the captions here, one per line")
 
     p = add("runs", cmd_runs, "List the workspace's audit runs with their parameters and counts.")

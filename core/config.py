@@ -122,8 +122,17 @@ _SETTINGS = [
             "square on its short side and resized (area filter) to S. 0 means the most common "
             "generation size in the workspace.", 0, 4096),
     Setting("duplicate_threshold", 0.1, float,
-            "Two training images are near-duplicates when their normalised L2 at the pixel-embedding "
-            "resolution is <= this; the duplicate count k of an image is the size of its group.", 0.0, 1.0),
+            "Two training images are near-duplicates when their normalised L2 at duplicate_size x duplicate_size "
+            "is <= this (measured exactly). The duplicate count k of an image is the number of training images, "
+            "itself included, within this of it; not the size of a chain of look-alikes.", 0.0, 1.0),
+    Setting("duplicate_size", 64, int,
+            "Working size S of the duplicate counts: each training image is centre-cropped to a square and "
+            "resized (area filter) to S x S before the exact L2. Pooled 8 x 8 and 16 x 16 copies of these "
+            "arrays prune candidates (true lower bounds); a change recomputes every count.", 16, 512),
+    Setting("duplicate_clip_similarity", 0.0, float,
+            "When above 0, two training images within duplicate_threshold also need a CLIP cosine similarity "
+            "of at least this to count as duplicates (the paper's prompt selection found near-duplicates with "
+            "CLIP embeddings). Needs clip_pretrained. 0: pixels alone.", 0.0, 1.0),
     # --- the training index ---
     Setting("pixel_size", 16, int,
             "Side of the downsampled image used by the pixel embedder (3 x S x S values).", 4, 128),

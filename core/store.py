@@ -175,6 +175,19 @@ CREATE TABLE inpainting_samples(
   path TEXT NOT NULL, distance REAL NOT NULL, loss REAL,
   PRIMARY KEY (image_id, sample));
 """),
+    ("per-image duplicate counts", """
+CREATE TABLE duplicate_pairs(
+  a INTEGER NOT NULL REFERENCES training_images(id),
+  b INTEGER NOT NULL REFERENCES training_images(id),
+  l2 REAL NOT NULL,                 -- exact normalised L2 at duplicate_size
+  similarity REAL,                  -- CLIP cosine similarity, when duplicate_clip_similarity > 0
+  PRIMARY KEY (a, b), CHECK (a < b)) WITHOUT ROWID;
+CREATE INDEX duplicate_pairs_b ON duplicate_pairs(b);
+CREATE TABLE duplicate_params(
+  id INTEGER PRIMARY KEY CHECK (id = 1), params TEXT NOT NULL, groups_current INTEGER NOT NULL DEFAULT 0);
+ALTER TABLE training_images ADD COLUMN duplicates_checked INTEGER NOT NULL DEFAULT 0;
+UPDATE training_images SET duplicate_group = NULL
+"""),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -15,12 +15,11 @@ the image's path relative to the ingested folder (``sub/a.png``), falling back t
 the bare file name (``a.png``) when no key has that relative path and exactly one
 key has that name.
 
-Duplicates (the paper's duplicate count k): two training images are linked when the
-normalised L2 of their pixel embeddings (``pixel_size`` x ``pixel_size``, an exact
-lower bound of their full-resolution normalised L2) is <= ``duplicate_threshold``,
-and files with identical bytes are always linked. Groups are the connected
-components of these links (union-find); every row stores ``duplicate_count`` (its
-group's size) and ``duplicate_group`` (the smallest training id in the group).
+Duplicates (the paper's duplicate count k): every row's ``duplicate_count`` is the number
+of training images, itself included, within ``duplicate_threshold`` of it by exact
+normalised L2 at ``duplicate_size`` (optionally confirmed by CLIP similarity), and
+``duplicate_group`` a browsing group; ``core.duplicates`` computes both, for the new images
+and every existing image they resemble, at the end of each ingest.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from . import tempfiles
+from . import duplicates, tempfiles
 from .embed import PixelEmbedder
 from .errors import ImageError, InputError
 from .images import load_image, sha256_file
@@ -59,7 +58,7 @@ class TrainingReport:
     captioned: int = 0  # added images that received a caption
     captions_filled: int = 0  # images already present that had no caption and received one
     unmatched_captions: int = 0  # caption keys that matched no file of the folder
-    duplicate_groups: int = 0  # groups of 2 or more images after the update
+    duplicate_groups: int = 0  # browsing groups of 2 or more images after the update
     messages: list[str] = field(default_factory=list)
 
 
@@ -109,7 +108,8 @@ def _read_csv(path: Path, text: str) -> dict[str, str]:
             raise InputError(f"{path}: empty captions file; give a header row with file,caption")
         names = [h.strip().lower() for h in header]
         if "caption" not in names or not any(k in names for k in KEY_COLUMNS):
-            raise InputError(f"{path}: the header ({', '.join(header) or 'empty'}) needs a 'caption' column and a "
+            shown = " ".join(", ".join(header).split()) or "empty"  # one line, even if a quoted cell holds a newline
+            raise InputError(f"{path}: the header ({shown}) needs a 'caption' column and a "
                              "'file' or 'path' column")
         ki = names.index(next(k for k in KEY_COLUMNS if k in names))
         ci = names.index("caption")
@@ -234,6 +234,7 @@ def add_training(ws: Workspace, folder: str | Path, captions: str | Path | None 
     match = CaptionMatcher(read_captions(captions) if captions is not None else {})
     settings = ws.settings()
     embedder = PixelEmbedder(settings["pixel_size"])
+    dup_size = int(settings["duplicate_size"])
     messages: list[str] = []
     index = TrainingIndex.open(ws, "pixel", embedder=embedder, on_message=messages.append)
 
@@ -243,9 +244,10 @@ def add_training(ws: Workspace, folder: str | Path, captions: str | Path | None 
         stored = {r[0]: r[1] for r in con.execute("SELECT sha256, path FROM training_images")}
 
     skipped: list[tuple[str, str]] = []
-    pending: list[tuple[tuple, np.ndarray]] = []
+    pending: list[tuple[tuple, np.ndarray, np.ndarray]] = []
     new_ids: list[int] = []
     new_vectors: list[np.ndarray] = []
+    new_arrays: dict[int, np.ndarray] = {}  # working arrays of the duplicate counts, by new id
     fill: list[tuple[str, str]] = []  # (caption, source) for present images that have none yet
     already = captioned = 0
 
@@ -254,13 +256,14 @@ def add_training(ws: Workspace, folder: str | Path, captions: str | Path | None 
         if not pending:
             return
         with ws.transaction() as con:
-            for row, vector in pending:
+            for row, vector, array in pending:
                 cur = con.execute(
                     "INSERT OR IGNORE INTO training_images(path, source_path, caption, sha256, width, height, added_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
                 if cur.rowcount == 1:
                     new_ids.append(int(cur.lastrowid))
                     new_vectors.append(vector)
+                    new_arrays[new_ids[-1]] = array
                 else:  # another process added this source meanwhile
                     already += 1
         pending.clear()
@@ -290,7 +293,8 @@ def add_training(ws: Workspace, folder: str | Path, captions: str | Path | None 
                         _copy_atomic(path, dest)
                     captioned += caption is not None
                     vector = embedder.embed([img])[0]
-                    pending.append(((rel, source, caption, sha, img.width, img.height, now()), vector))
+                    pending.append(((rel, source, caption, sha, img.width, img.height, now()), vector,
+                                    duplicates.working_array(img, dup_size)))
                     if len(pending) >= INSERT_BATCH:
                         flush()
             bar.update(1)
@@ -305,144 +309,56 @@ def add_training(ws: Workspace, folder: str | Path, captions: str | Path | None 
             con.executemany("UPDATE training_images SET caption = ? WHERE source_path = ? AND caption IS NULL", fill)
     if new_ids:
         index.add(np.asarray(new_ids, dtype=np.int64), np.stack(new_vectors))
-        groups = update_duplicates(ws, new_ids=new_ids, index=index)
     else:
-        _ensure_duplicates(ws)
-        groups = _count_groups(ws)
+        _rewrite_stale_index_row(ws, index)
+    groups = duplicates.update(ws, fresh=new_arrays).groups
     return TrainingReport(added=len(new_ids), skipped=skipped, already_present=already, captioned=captioned,
                           captions_filled=len(fill), unmatched_captions=len(set(match.captions) - match.used),
                           duplicate_groups=groups, messages=messages)
 
 
+def _rewrite_stale_index_row(ws: Workspace, index: TrainingIndex) -> None:
+    """Save the pixel index when its ``indexes`` row lags its files (a kill between the two writes).
+
+    ``TrainingIndex.open`` accepts complete files under a stale row; a rerun that adds nothing
+    would otherwise leave the row's count behind the index it describes.
+    """
+    with ws.connect() as con:
+        row = con.execute("SELECT count, max_training_id FROM indexes WHERE embedder = 'pixel'").fetchone()
+    if row is None or (row["count"], row["max_training_id"]) != (index.count, index.max_training_id):
+        index.save()
+
+
 # ---------------------------------------------------------------------------- duplicates
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, a: int) -> int:
-        parent = self.parent
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            if ra < rb:
-                ra, rb = rb, ra
-            self.parent[ra] = rb
-
-
-def _count_groups(ws: Workspace) -> int:
-    with ws.connect() as con:
-        return con.execute("SELECT COUNT(DISTINCT duplicate_group) FROM training_images WHERE duplicate_count > 1").fetchone()[0]
-
-
-def update_duplicates(ws: Workspace, *, new_ids: Iterable[int] | None = None, index: TrainingIndex | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> int:
-    """Recompute duplicate groups; return the number of groups with 2 or more images.
-
-    With ``new_ids`` (images just added), the stored groups are kept and only links
-    touching the new images are searched, provided the stored groups were computed with
-    the current ``duplicate_threshold`` and pixel embedder; otherwise every image is
-    searched again.
-    """
-    threshold = float(ws.get_setting("duplicate_threshold"))
-    if index is None:
-        index = TrainingIndex.open(ws, "pixel")
-    with ws.connect() as con:
-        rows = con.execute("SELECT id, sha256, duplicate_group, duplicate_count FROM training_images ORDER BY id").fetchall()
-    if not rows:
-        index.set_meta("duplicate_threshold", threshold)
-        return 0
-    ids = np.fromiter((r["id"] for r in rows), dtype=np.int64, count=len(rows))
-    pos = {int(i): p for p, i in enumerate(ids)}
-    uf = _UnionFind(len(rows))
-
-    new = set(int(i) for i in new_ids) if new_ids is not None else None
-    incremental = (new is not None and index.meta.get("duplicate_threshold") == threshold
-                   and all(r["duplicate_group"] is not None for r in rows if r["id"] not in new))
-    if incremental:
-        for r in rows:
-            if r["id"] not in new and r["duplicate_group"] in pos:
-                uf.union(pos[r["id"]], pos[r["duplicate_group"]])
-        queries = np.asarray(sorted(new), dtype=np.int64)
-    else:
-        queries = ids
-    by_sha: dict[str, int] = {}
-    for p, r in enumerate(rows):
-        first = by_sha.setdefault(r["sha256"], p)
-        if first != p:
-            uf.union(first, p)
-
-    done = 0
-    for a, b, _ in index.pairs_within(threshold, queries):
-        for x, y in zip(a.tolist(), b.tolist()):
-            if x in pos and y in pos:
-                uf.union(pos[x], pos[y])
-        done = min(len(queries), done + 1024)
-        if progress:
-            progress(done, len(queries))
-
-    roots = [uf.find(p) for p in range(len(rows))]
-    sizes = Counter(roots)
-    changes = []
-    for p, r in enumerate(rows):
-        group, count = int(ids[roots[p]]), sizes[roots[p]]  # the root is the group's smallest position = smallest id
-        if r["duplicate_group"] != group or r["duplicate_count"] != count:
-            changes.append((count, group, int(r["id"])))
-    if changes:
-        with ws.transaction() as con:
-            con.executemany("UPDATE training_images SET duplicate_count = ?, duplicate_group = ? WHERE id = ?", changes)
-    index.set_meta("duplicate_threshold", threshold)
-    return sum(1 for s in sizes.values() if s > 1)
-
-
-def _ensure_duplicates(ws: Workspace) -> None:
-    """Recompute duplicate groups when they are missing or were computed with other settings."""
-    threshold = float(ws.get_setting("duplicate_threshold"))
-    with ws.connect() as con:
-        row = con.execute("SELECT params FROM indexes WHERE embedder = 'pixel'").fetchone()
-        ungrouped = con.execute("SELECT COUNT(*) FROM training_images WHERE duplicate_group IS NULL").fetchone()[0]
-        total = con.execute("SELECT COUNT(*) FROM training_images").fetchone()[0]
-    if total == 0:
-        return
-    saved = json.loads(row["params"]) if row is not None else {}
-    if ungrouped or saved.get("duplicate_threshold") != threshold or saved.get("embedder") != PixelEmbedder(
-            ws.get_setting("pixel_size")).params:
-        update_duplicates(ws)
-
-
 def duplicate_groups(ws: Workspace) -> list[tuple[str, int, int]]:
-    """Every duplicate group, most duplicated first: (caption, count, training id).
+    """One row per browsing group, most duplicated first: (caption, duplicate count, training id).
 
-    The caption is the one most members share (ties: the one of the smallest id) and
-    the training id is the smallest id carrying it; a group without any caption gives
-    ('', count, smallest id). Groups of equal size are ordered by smallest id.
+    The caption is the one most members share (ties: the one of the member with the highest
+    count, then the smallest id); the row names the member with the highest duplicate count
+    among those carrying it (ties: the smallest id) and gives that image's own count. A group
+    without any caption gives ('', the count of its first image, its first image's id). Rows
+    of equal count are ordered by id.
     """
-    _ensure_duplicates(ws)
+    duplicates.ensure(ws)
     with ws.connect() as con:
-        rows = con.execute("SELECT id, caption, duplicate_group FROM training_images ORDER BY id").fetchall()
+        rows = con.execute("SELECT id, caption, duplicate_count, duplicate_group FROM training_images ORDER BY id").fetchall()
     members: dict[int, list[sqlite3.Row]] = {}
     for r in rows:
         members.setdefault(r["duplicate_group"], []).append(r)
     out = []
     for group, rs in members.items():
-        caps = Counter(r["caption"] for r in rs if r["caption"])
-        if caps:
-            best = max(caps.values())
-            rep = next(r for r in rs if r["caption"] and caps[r["caption"]] == best)
-            out.append((rep["caption"], len(rs), int(rep["id"]), int(group)))
-        else:
-            out.append(("", len(rs), int(rs[0]["id"]), int(group)))
-    out.sort(key=lambda t: (-t[1], t[3]))
-    return [(c, n, tid) for c, n, tid, _ in out]
+        shared = Counter(r["caption"] for r in rs if r["caption"])
+        best = max(shared.values(), default=0)
+        carriers = [r for r in rs if r["caption"] and shared[r["caption"]] == best] or [r for r in rs if r["id"] == group]
+        rep = min(carriers, key=lambda r: (-r["duplicate_count"], r["id"]))
+        out.append((rep["caption"] or "", int(rep["duplicate_count"]), int(rep["id"])))
+    out.sort(key=lambda t: (-t[1], t[2]))
+    return out
 
 
 def top_duplicated(ws: Workspace, n: int) -> list[tuple[str, int, int]]:
-    """The n most duplicated groups: (caption of a representative ('' if none), group size, its training id)."""
+    """The n most duplicated groups: (caption of a representative ('' if none), its duplicate count, its training id)."""
     if int(n) < 1:
         raise InputError(f"--top must be at least 1, got {n}")
     return duplicate_groups(ws)[:int(n)]

@@ -113,10 +113,12 @@ def extraction_by_duplicates(ws: Workspace, run_id: int) -> DuplicateRates:
 
     Where prompts are training captions (the paper's setting), k is the duplicate count of the
     captioned image; otherwise a prompt is attributed to the training image nearest to its
-    largest clique's medoid.
+    largest clique's medoid. The duplicate counts are brought up to date first (a changed
+    ``duplicate_threshold`` recounts them: ``core.duplicates.ensure``).
     """
-    from . import audit
+    from . import audit, duplicates
 
+    duplicates.ensure(ws)
     rows = audit.caption_duplicate_table(ws, run_id)
     if rows:
         return DuplicateRates("prompts that are training captions, by the duplicate count of the captioned image",
@@ -201,38 +203,45 @@ def label_counts(ws: Workspace, run_id: int) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class DuplicateGroup:
-    group: int
-    size: int
-    images: list[TrainingImage]   # up to ``per_group`` members, by id
+    group: int                    # the id of the group's first image
+    count: int                    # that image's duplicate count (images within the threshold of it, itself included)
+    size: int                     # images in this browsing group
+    images: list[TrainingImage]   # up to ``per_group`` members, the first image first, then by id
     captions: list[str]           # distinct captions in the group, most common first
 
 
 def duplicate_groups(ws: Workspace, limit: int = 20, per_group: int = 8, min_size: int = 2) -> list[DuplicateGroup]:
-    """Near-duplicate groups of the training set, largest first."""
+    """Browsing groups of near-duplicates (core.duplicates), by their first image's duplicate count, then size."""
     from .audit import get_training
 
     with ws.connect() as con:
         groups = con.execute(
-            "SELECT duplicate_group AS g, COUNT(*) AS n FROM training_images WHERE duplicate_group IS NOT NULL "
-            "GROUP BY duplicate_group HAVING n >= ? ORDER BY n DESC, g LIMIT ?", (min_size, limit)).fetchall()
+            "SELECT g.duplicate_group AS g, COUNT(*) AS n, f.duplicate_count AS k FROM training_images g "
+            "JOIN training_images f ON f.id = g.duplicate_group "
+            "GROUP BY g.duplicate_group HAVING n >= ? ORDER BY k DESC, n DESC, g LIMIT ?", (min_size, limit)).fetchall()
         out = []
         for g in groups:
-            ids = [r[0] for r in con.execute("SELECT id FROM training_images WHERE duplicate_group = ? ORDER BY id LIMIT ?",
-                                             (g["g"], per_group))]
+            ids = [r[0] for r in con.execute("SELECT id FROM training_images WHERE duplicate_group = ? "
+                                             "ORDER BY id != duplicate_group, id LIMIT ?", (g["g"], per_group))]
             caps = [r[0] for r in con.execute(
                 "SELECT caption, COUNT(*) AS n FROM training_images WHERE duplicate_group = ? AND caption IS NOT NULL "
                 "AND caption != '' GROUP BY caption ORDER BY n DESC, caption", (g["g"],))]
-            out.append((g["g"], g["n"], ids, caps))
-    images = get_training(ws, [i for _, _, ids, _ in out for i in ids])
-    return [DuplicateGroup(gid, n, [images[i] for i in ids], caps) for gid, n, ids, caps in out]
+            out.append((g["g"], g["k"], g["n"], ids, caps))
+    images = get_training(ws, [i for *_, ids, _ in out for i in ids])
+    return [DuplicateGroup(gid, k, n, [images[i] for i in ids], caps) for gid, k, n, ids, caps in out]
 
 
 def training_summary(ws: Workspace) -> dict[str, int]:
+    """Counts for the Training data page, after bringing the duplicate counts up to date (core.duplicates.ensure)."""
+    from . import duplicates
+
+    duplicates.ensure(ws)
     with ws.connect() as con:
         r = con.execute(
             "SELECT COUNT(*) AS images, COUNT(DISTINCT sha256) AS unique_files, "
             "COUNT(DISTINCT COALESCE(duplicate_group, -id)) AS groups, "
             "SUM(CASE WHEN caption IS NOT NULL AND caption != '' THEN 1 ELSE 0 END) AS captioned, "
+            "SUM(CASE WHEN duplicate_count > 1 THEN 1 ELSE 0 END) AS duplicated, "
             "COALESCE(MAX(duplicate_count), 0) AS max_duplicates FROM training_images").fetchone()
     return dict(r)
 

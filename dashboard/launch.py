@@ -3,18 +3,27 @@
 The same settings live in ``.streamlit/config.toml`` for ``streamlit run dashboard/app.py -- WS``
 from a checkout; here they are passed as flags so that the dashboard behaves the same when it
 is started from any folder (Streamlit only reads ``.streamlit/config.toml`` from the current one).
+
+Streamlit always runs headless: without ``server.headless`` it asks for an email address on
+the first run of a machine (no ``~/.streamlit/credentials.toml``) and, with no terminal to
+answer, exits with status 255. ``launch(..., open_browser=True)`` opens the browser itself,
+with the ``webbrowser`` module, once the server's health check answers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
+import webbrowser
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from core.errors import InputError
 from core.store import Workspace
@@ -54,12 +63,9 @@ def _flag_value(value: str | int | bool | list[str]) -> str:
     return str(value)
 
 
-def command(ws: str | Path, port: int = 8501, host: str = "127.0.0.1", extra_args: Sequence[str] = (),
-            *, open_browser: bool = False) -> list[str]:
-    """The ``streamlit run`` command line for workspace ``ws`` (an absolute path is passed on)."""
+def command(ws: str | Path, port: int = 8501, host: str = "127.0.0.1", extra_args: Sequence[str] = ()) -> list[str]:
+    """The ``streamlit run`` command line for workspace ``ws`` (an absolute path is passed on); always headless."""
     options = dict(CONFIG, **{"server.port": int(port), "server.address": host})
-    if open_browser:
-        options["server.headless"] = False
     flags = [f"--{name}={_flag_value(value)}" for name, value in options.items()]
     return [sys.executable, "-m", "streamlit", "run", str(APP), *flags, *extra_args, "--", str(Path(ws).resolve())]
 
@@ -74,12 +80,47 @@ def port_free(host: str, port: int) -> bool:
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+HEALTH_TIMEOUT_S = 120.0
+
+
+def url_for(host: str, port: int) -> str:
+    return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = HEALTH_TIMEOUT_S) -> bool:
+    """Poll ``url``/_stcore/health until it answers ok (True), or the server exits or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.read() == b"ok":
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def open_in_browser(url: str) -> bool:
+    """Open ``url`` with the ``webbrowser`` module; False when there is nothing to open it with.
+
+    On Linux with no display (no DISPLAY or WAYLAND_DISPLAY) and no $BROWSER, nothing is tried:
+    ``webbrowser`` would otherwise fall back to a text-mode browser that takes over the terminal.
+    """
+    if (sys.platform.startswith("linux") and not any(os.environ.get(v) for v in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER"))):
+        return False
+    try:
+        return bool(webbrowser.open_new_tab(url))
+    except webbrowser.Error:
+        return False
 
 
 def launch(ws: str | Path, port: int = 8501, host: str = "127.0.0.1", extra_args: Sequence[str] = (),
-           *, open_browser: bool = False) -> int:
+           *, open_browser: bool = False, opener: Callable[[str], bool] = open_in_browser) -> int:
     """Serve the dashboard for ``ws`` until interrupted; returns Streamlit's exit status.
 
+    With ``open_browser``, ``opener(url)`` is called once the server answers its health check
+    (a server that never answers is left running, and its URL printed, without opening anything).
     Raises WorkspaceError when ``ws`` is not a workspace and InputError when the port is taken,
     before anything is started.
     """
@@ -92,13 +133,17 @@ def launch(ws: str | Path, port: int = 8501, host: str = "127.0.0.1", extra_args
         print(f"memaudit: warning: serving on {host}, beyond this machine: everyone who can reach it sees the "
               "training set, the generations and the labels; use it only behind HTTPS and sign-in (README, "
               "'Reliability and security')", file=sys.stderr, flush=True)
-    print(f"memaudit dashboard: http://{host if ':' not in host else f'[{host}]'}:{port}  (Ctrl+C to stop)", flush=True)
-    proc = subprocess.Popen(command(ws, port, host, extra_args, open_browser=open_browser))
+    url = url_for(host, int(port))
+    print(f"memaudit dashboard: {url}  (Ctrl+C to stop)", flush=True)
+    # stdin is not passed on: the server never reads it, and a terminal it could prompt on is not its to take
+    proc = subprocess.Popen(command(ws, port, host, extra_args), stdin=subprocess.DEVNULL)
     previous = None
     if threading.current_thread() is threading.main_thread():
         # a SIGTERM to the launcher stops the server too, instead of leaving it running alone
         previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if open_browser and wait_healthy(url, proc) and not opener(url):
+            print(f"memaudit: no browser to open here; open {url} yourself", file=sys.stderr, flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         proc.terminate()

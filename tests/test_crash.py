@@ -138,6 +138,27 @@ def assert_index_consistent(ws: Path) -> None:
     assert (count, max_id) == (len(db_ids), db_ids[-1])
 
 
+def assert_counts_current(ws: Path) -> None:
+    """Every duplicate count is 1 + the stored pairs touching the image, every image is checked, and the
+    counts equal those of a recomputation from nothing."""
+    from core import duplicates
+
+    state = rows_of(ws, "SELECT id, duplicate_count, duplicates_checked, "
+                        "(SELECT COUNT(*) FROM duplicate_pairs WHERE a = t.id OR b = t.id) FROM training_images t ORDER BY id")
+    assert all(checked == 1 and count == 1 + pairs for _, count, checked, pairs in state)
+    w = Workspace.open(ws)
+    assert duplicates.is_current(w)
+    con = sqlite3.connect(ws / "audit.db", timeout=30)
+    try:
+        with con:
+            con.execute("DELETE FROM duplicate_pairs")
+            con.execute("UPDATE training_images SET duplicate_count = 1, duplicate_group = NULL, duplicates_checked = 0")
+    finally:
+        con.close()
+    duplicates.update(w)
+    assert rows_of(ws, "SELECT id, duplicate_count FROM training_images ORDER BY id") == [(i, c) for i, c, _, _ in state]
+
+
 def test_kill_during_add_training_then_rerun_finishes(tmp_path, training_folder):
     ws = Workspace.init(tmp_path / "ws").root
     # killed after the first rows are committed, while files are still being copied
@@ -152,6 +173,26 @@ def test_kill_during_add_training_then_rerun_finishes(tmp_path, training_folder)
     assert_consistent(ws)
     assert scalar(ws / "audit.db", "SELECT COUNT(*) FROM training_images") == N_TRAINING
     assert_index_consistent(ws)
+    assert_counts_current(ws)
+
+
+@pytest.mark.slow
+def test_kill_add_training_while_counting_duplicates_then_rerun_equals_a_clean_ingest(tmp_path, training_folder):
+    ws = Workspace.init(tmp_path / "ws").root
+    # the duplicate step caches the working arrays just before it compares and stores pairs
+    kill_when(["add-training", ws, training_folder],
+              lambda: any((ws / "index").glob("dup*/chunk-*.npz")), what="duplicate arrays cached", poll=0.002)
+    assert scalar(ws / "audit.db", "SELECT COUNT(*) FROM training_images") == N_TRAINING
+    assert scalar(ws / "audit.db", "SELECT COUNT(*) FROM training_images WHERE duplicates_checked = 0") > 0
+    assert_consistent(ws, just_killed=True)
+    done = cli("add-training", ws, training_folder, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["added"] == 0
+    assert_consistent(ws)
+    clean = Workspace.init(tmp_path / "clean").root
+    assert cli("add-training", clean, training_folder).returncode == 0
+    assert training_state(ws) == training_state(clean)
+    assert_counts_current(ws)
 
 
 @pytest.mark.slow
@@ -184,6 +225,7 @@ def test_kill_add_training_at_four_points_then_rerun_equals_a_clean_ingest(tmp_p
     clean = Workspace.init(tmp_path / "clean").root
     assert cli("add-training", clean, training_folder).returncode == 0
     assert training_state(ws) == training_state(clean)
+    assert_counts_current(ws)
 
 
 # ---------------------------------------------------------------------------- audit

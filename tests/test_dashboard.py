@@ -437,6 +437,85 @@ def test_launcher_refuses_a_taken_port_and_a_missing_workspace(tmp_path):
             launch.launch(ws.root, port=s.getsockname()[1])
 
 
+def test_launch_open_needs_no_terminal_and_no_streamlit_home(tmp_path):
+    """``memaudit demo --open`` on a fresh machine: no ~/.streamlit, no terminal (stdin /dev/null, own session).
+
+    Streamlit stays headless (a non-headless first run asks for an email address and, with no terminal,
+    exits 255); memaudit opens the browser itself, through $BROWSER here, once the health check answers."""
+    import os
+    import signal
+    import socket
+    import stat
+    import subprocess
+    import sys
+
+    ws = empty_workspace(tmp_path / "ws")
+    home = tmp_path / "home"
+    home.mkdir()
+    opened = tmp_path / "opened.txt"
+    browser = tmp_path / "browser.py"
+    # the "browser" records the URL it was given and what the health check answered at that moment
+    browser.write_text(f"#!{sys.executable}\n"
+                       "import sys, urllib.request\n"
+                       "url = sys.argv[1]\n"
+                       "ok = urllib.request.urlopen(url + '/_stcore/health', timeout=5).read().decode()\n"
+                       f"with open({str(opened)!r}, 'a') as f:\n"
+                       "    f.write(url + ' ' + ok + '\\n')\n")
+    browser.chmod(browser.stat().st_mode | stat.S_IXUSR)
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env.update(HOME=str(home), BROWSER=str(browser), XDG_CONFIG_HOME=str(home / ".config"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = f"from dashboard.launch import launch; raise SystemExit(launch({str(ws.root)!r}, port={port}, open_browser=True))"
+    log = tmp_path / "launch.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (opened.exists() and opened.read_text().endswith("\n")):
+            assert proc.poll() is None, f"the launcher exited with {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no browser was opened:\n{log.read_text()}"
+            time.sleep(0.2)
+        assert opened.read_text() == f"http://127.0.0.1:{port} ok\n"  # opened once, after the health check
+        assert proc.poll() is None  # still serving
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "Email" not in text and "Welcome to Streamlit" not in text, text
+    assert not (home / ".streamlit" / "credentials.toml").exists()
+
+
+def test_launch_open_without_a_display_prints_the_url(monkeypatch, capsys, tmp_path):
+    """With nothing to open a browser with, the launcher says where the dashboard is and keeps serving."""
+    started: list[dict] = []
+
+    class Started:
+        def __init__(self, cmd, *args, **kwargs):
+            started.append(dict(kwargs, cmd=cmd))
+
+        def poll(self):
+            return None
+
+        def wait(self, timeout=None):
+            return 0
+
+    ws = empty_workspace(tmp_path / "ws")
+    monkeypatch.setattr(launch.subprocess, "Popen", Started)
+    monkeypatch.setattr(launch, "port_free", lambda h, p: True)
+    monkeypatch.setattr(launch, "wait_healthy", lambda url, proc: True)
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(launch.sys, "platform", "linux")
+    assert launch.launch(ws.root, port=8597, open_browser=True) == 0
+    assert "--server.headless=true" in started[0]["cmd"] and started[0]["stdin"] == launch.subprocess.DEVNULL
+    assert "open http://127.0.0.1:8597 yourself" in capsys.readouterr().err
+
+
 def test_launch_serves_the_workspace_and_stops_with_its_server(tmp_path):
     import signal
     import socket

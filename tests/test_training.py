@@ -15,8 +15,8 @@ from PIL import Image
 from core.errors import InputError
 from core.index import TrainingIndex
 from core.store import Workspace
-from core.training import (add_training, read_captions, top_duplicated, training_images, update_duplicates,
-                           write_prompts_file)
+from core import duplicates
+from core.training import add_training, read_captions, top_duplicated, training_images, write_prompts_file
 
 # Structured photographs, all at least 0.23 apart at 16 x 16 (flat textures would sit within 0.1 of one another).
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry", "coins")
@@ -339,9 +339,10 @@ def test_incremental_groups_equal_a_full_recomputation(ws: Workspace, tmp_path: 
     add_training(ws, a)
     assert add_training(ws, b).duplicate_groups == 3
     incremental = groups_by_source(ws)
-    with ws.transaction() as con:
-        con.execute("UPDATE training_images SET duplicate_count = 1, duplicate_group = NULL")
-    assert update_duplicates(ws) == 3
+    with ws.transaction() as con:  # forget every pair: the next update checks every image against every image
+        con.execute("DELETE FROM duplicate_pairs")
+        con.execute("UPDATE training_images SET duplicate_count = 1, duplicate_group = NULL, duplicates_checked = 0")
+    assert duplicates.update(ws).groups == 3
     assert groups_by_source(ws) == incremental
     assert incremental["b/coins-noisy2.png"][0] == 3 and incremental["b/coffee-noisy.png"][0] == 2
 

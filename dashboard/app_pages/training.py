@@ -1,4 +1,4 @@
-"""Training data: near-duplicate groups and the most duplicated captions (the attack's prompts)."""
+"""Training data: duplicate counts, the most duplicated captions (the attack's prompts) and near-duplicate groups."""
 
 from __future__ import annotations
 
@@ -19,16 +19,18 @@ if not summary["images"]:
 m = st.columns(5)
 m[0].metric("Images", summary["images"])
 m[1].metric("Distinct files", summary["unique_files"])
-m[2].metric("Near-duplicate groups", summary["groups"], help="images within the duplicate threshold of one another form a group")
+m[2].metric("With near-duplicates", summary["duplicated"],
+            help="images with at least one other training image within the duplicate threshold (exact L2 at duplicate_size)")
 m[3].metric("Captioned", summary["captioned"])
-m[4].metric("Largest duplicate count", summary["max_duplicates"])
+m[4].metric("Largest duplicate count", summary["max_duplicates"],
+            help="an image's duplicate count: the training images within the duplicate threshold of it, itself included")
 
 st.subheader("Most duplicated captions")
-st.caption("The paper's prompt selection: captions of the training images with the most near-duplicates. "
-           "Select rows and send them to the Generate page.")
+st.caption("Prompt selection by duplicate count, as in the paper: captions of the training images with the highest counts, "
+           "one per group of copies. Select rows and send them to the Generate page.")
 n = st.columns([1, 4])[0].number_input("How many", 1, 10_000, 50, key="training_top_n", persist_state="session")
 top = [(training.prompt_line(cap), count, tid) for cap, count, tid in training.top_duplicated(ws, int(n))]
-table = st.dataframe([{"caption": cap or "(no caption)", "duplicates": count, "training image": tid} for cap, count, tid in top],
+table = st.dataframe([{"caption": cap or "(no caption)", "duplicate count": count, "training image": tid} for cap, count, tid in top],
                      hide_index=True, on_select="rerun", selection_mode="multi-row", key="training_top",
                      height="auto" if len(top) <= 10 else 360,
                      column_config={"caption": st.column_config.TextColumn(width="large")})
@@ -47,12 +49,14 @@ elif st.button(f"Send {len(chosen)}{' selected' if picked else ''} caption{'s' i
     st.switch_page("app_pages/generate.py")
 
 st.subheader("Near-duplicate groups")
+st.caption("Each group is an image and the images within the duplicate threshold of it that no earlier group holds "
+           "(its first image is shown first).")
 groups = views.duplicate_groups(ws, limit=12, per_group=12)
 if not groups:
     st.caption("No near-duplicate groups: every training image is unique at the duplicate threshold.")
 for g in groups:
     with st.container(border=True):
-        st.markdown(f"**{g.size} images** · " + (" · ".join(f"“{c}”" for c in g.captions[:3]) or "no caption")
+        st.markdown(f"**duplicate count {g.count}** · {g.size} images in this group · " + (" · ".join(f"“{c}”" for c in g.captions[:3]) or "no caption")
                     + (f" · and {len(g.captions) - 3} more captions" if len(g.captions) > 3 else ""))
         cols = st.columns(12)
         for j, img in enumerate(g.images):
