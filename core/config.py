@@ -122,6 +122,17 @@ _SETTINGS = [
     Setting("seed", 0, int, "First seed: image j of every prompt uses seed + j.", 0, 2**63 - 1),
     Setting("device", "auto", str, "cuda, mps, cpu, or auto (the first available of those).",
             choices=("auto", "cuda", "mps", "cpu")),
+    # --- membership inference (core.membership) ---
+    Setting("mia_attack", "loss", str,
+            "Membership attack: 'loss' (the training loss at one timestep) or 'lira' (likelihood ratio against "
+            "shadow models trained on random halves of a pool; online and offline).", choices=("loss", "lira")),
+    Setting("mia_timestep", 100, int,
+            "Timestep t of the loss attack (of the scheduler's training timesteps; the paper found about 100 of "
+            "1000 best). Models trained on a timestep grid should be attacked on it.", 0, None),
+    Setting("mia_noise_draws", 8, int, "Seeded noise draws the loss is averaged over, the same for every image.", 1, 4096),
+    Setting("mia_seed", 0, int, "Seed of the first noise draw (draw k uses seed + k).", 0, 2**63 - 1),
+    Setting("mia_batch_size", 64, int, "Denoiser inputs per forward pass in the membership attacks.", 1, 65536),
+    Setting("shadow_count", 8, int, "LiRA shadow models: each image is IN for half of them (even).", 2, 1024),
 ]
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in _SETTINGS}
