@@ -30,6 +30,7 @@ class DemoResult:
     seconds: dict[str, float]
     summary_counts: dict[str, Any]
     table: list[dict] = field(default_factory=list)
+    membership: dict[str, Any] = field(default_factory=dict)  # core.demo_digits.run_membership_demo
 
     @property
     def summary(self) -> str:
@@ -39,17 +40,21 @@ class DemoResult:
                  f"{c['extracted_training_images']} training images extracted",
                  "", "training duplicate count -> prompts / flagged / extracted"]
         lines += [f"  {r['k']:>4}  ->  {r['prompts']:3d} / {r['flagged']:3d} / {r['extracted']:3d}" for r in self.table]
+        if self.membership:
+            from .demo_digits import membership_summary
+
+            lines += [""] + membership_summary(self.membership)
         lines.append("")
         lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
         return {"workspace": str(self.workspace), "run_id": self.run_id, "seconds": self.seconds,
-                "counts": self.summary_counts, "figure5": self.table}
+                "counts": self.summary_counts, "figure5": self.table, "membership": self.membership}
 
 
 def build_demo(root: str | Path, *, progress: bool = True, per_prompt: int = DEMO_PER_PROMPT, steps: int = DEMO_STEPS,
-               device: str = "cpu") -> DemoResult:
+               device: str = "cpu", membership: bool = True) -> DemoResult:
     from . import audit
     from .demo_data import DEMO_DATA_DIR, DEMO_MODEL_DIR, DEMO_PROMPTS
     from .generate import generate, read_prompts
@@ -74,7 +79,16 @@ def build_demo(root: str | Path, *, progress: bool = True, per_prompt: int = DEM
     if run_id is None or report.generated > 0 or not _same_params(audit.run_params(ws, run_id), params):
         run_id = audit.run_audit(ws, params)
     seconds["audit"] = time.perf_counter() - t
-    return DemoResult(ws.root, run_id, seconds, audit.count_summary(ws, run_id), audit.caption_duplicate_table(ws, run_id))
+
+    found: dict[str, Any] = {}
+    if membership:  # the digits model: loss attack, LiRA, the trend along training (core.demo_digits)
+        from .demo_digits import run_membership_demo
+
+        t = time.perf_counter()
+        found = run_membership_demo(ws)
+        seconds["membership"] = time.perf_counter() - t
+    return DemoResult(ws.root, run_id, seconds, audit.count_summary(ws, run_id), audit.caption_duplicate_table(ws, run_id),
+                      found)
 
 
 def _same_params(a, b) -> bool:

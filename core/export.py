@@ -44,8 +44,11 @@ def export_json(ws: Workspace, run_id: int | None = None) -> dict[str, Any]:
     events = [{"id": e.id, "candidate_id": e.candidate_id, "generation_id": e.generation_id, "training_id": e.training_id,
                "reviewer": e.reviewer, "label": e.label, "note": e.note, "created_at": e.created_at, "undoes": e.undoes}
               for e in labels.label_events(ws)]
+    from .membership_runs import export_runs
+
     return {"run_id": run_id, "parameters": params.to_dict(), "summary": audit.count_summary(ws, run_id),
-            "prompts": prompts, "candidates": out_cands, "label_events": events}
+            "prompts": prompts, "candidates": out_cands, "label_events": events,
+            "membership_runs": export_runs(ws)}
 
 
 def export_csv(ws: Workspace, run_id: int | None = None) -> str:

@@ -291,7 +291,7 @@ def roc_metrics(scores: np.ndarray, member: np.ndarray, fpr_points: Sequence[flo
         tpr_at[f] = float(tpr[fpr <= f + 1e-12].max())
         bounded[f] = 1.0 / nonmembers > f
         if bounded[f]:
-            notes.append(f"TPR at {f:.1%} FPR is measured at FPR 0: with {nonmembers} non-members the smallest "
+            notes.append(f"TPR at {f * 100:g}% FPR is measured at FPR 0: with {nonmembers} non-members the smallest "
                          f"non-zero FPR is {1 / nonmembers:.2%}, so it is a lower bound")
     return RocMetrics(fpr=fpr, tpr=tpr, auc=float(auc(fpr, tpr)), tpr_at=tpr_at, bounded=bounded,
                       balanced_accuracy=float(((tpr + 1 - fpr) / 2).max()), members=int(member.sum()),

@@ -138,10 +138,17 @@ def run_membership(ws: Workspace, model: str, members: str | Path, nonmembers: s
     from .membership import denoiser, held_out_loss, lira, losses, roc_metrics
 
     s = ws.settings()
-    attack = config.check("mia_attack", attack if attack is not None else s["mia_attack"])
-    timestep = config.check("mia_timestep", timestep if timestep is not None else s["mia_timestep"])
-    noise_draws = config.check("mia_noise_draws", noise_draws if noise_draws is not None else s["mia_noise_draws"])
-    seed = config.check("mia_seed", seed if seed is not None else s["mia_seed"])
+
+    def setting(name: str, value: Any) -> Any:
+        try:
+            return config.check(name, s[name] if value is None else value)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
+    attack = setting("mia_attack", attack)
+    timestep = setting("mia_timestep", timestep)
+    noise_draws = setting("mia_noise_draws", noise_draws)
+    seed = setting("mia_seed", seed)
     batch = int(s["mia_batch_size"])
     if attack == "lira" and shadow_dir is None:
         raise InputError("the LiRA attack needs --shadow-dir, a folder of shadow models from `memaudit train-shadows`")

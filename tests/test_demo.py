@@ -17,7 +17,7 @@ def _copies_by_caption() -> dict[str, int]:
 
 
 def test_demo_flags_duplicated_images_and_not_novel_ones(tmp_path):
-    result = build_demo(tmp_path / "demo", progress=False)
+    result = build_demo(tmp_path / "demo", progress=False, membership=False)  # membership: tests/test_demo_membership.py
     copies = _copies_by_caption()
     rows = {r.prompt: r for r in audit.prompt_results(Workspace.open(result.workspace), result.run_id)}
     assert set(rows) == set(copies)
@@ -30,7 +30,7 @@ def test_demo_flags_duplicated_images_and_not_novel_ones(tmp_path):
     singles = by_level[1]
     assert sum(r.flagged for r in singles) <= len(singles) // 4, [r.prompt for r in singles if r.flagged]
     # a rerun reuses everything: no new generations, the same audit run
-    again = build_demo(tmp_path / "demo", progress=False)
+    again = build_demo(tmp_path / "demo", progress=False, membership=False)
     assert again.run_id == result.run_id
 
 
