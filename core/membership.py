@@ -22,7 +22,8 @@ conditional), or nothing (unconditional). Lower loss suggests membership: the sc
 halves of a pool holding the images, so each image was IN for half of them. Per image, the
 shadows' losses fit a Gaussian IN (mean ``mu_in``) and a Gaussian OUT (mean ``mu_out``); with
 few shadows (the usual case) one standard deviation per side is pooled over all images, as
-the LiRA paper advises. For the target model's loss ``l``:
+the LiRA paper advises (with one IN and one OUT model per image, around the per-image mean of
+both). For the target model's loss ``l``:
 
     online  = log N(l; mu_in, sd_in) - log N(l; mu_out, sd_out)
     offline = -log P[L_out <= l] = -log Phi((l - mu_out) / sd_out)      (OUT models only)
@@ -245,9 +246,13 @@ def lira(target: np.ndarray, shadow: np.ndarray, inside: np.ndarray, *, min_sd: 
     dof_in, dof_out = inside.sum() - len(target), (~inside).sum() - len(target)
     sd_in = math.sqrt((res_in ** 2).sum() / dof_in) if dof_in > 0 else float("nan")
     sd_out = math.sqrt((res_out ** 2).sum() / dof_out) if dof_out > 0 else float("nan")
+    if not (math.isfinite(sd_in) or math.isfinite(sd_out)):  # one IN and one OUT model per image: pool around their mean
+        spread = ((shadow - shadow.mean(0)) ** 2).sum() / max(1, shadow.size - len(target))
+        sd_in = sd_out = math.sqrt(spread)
     sd_in = sd_in if math.isfinite(sd_in) and sd_in > 0 else sd_out
     sd_out = sd_out if math.isfinite(sd_out) and sd_out > 0 else sd_in
-    sd_in, sd_out = max(sd_in, min_sd), max(sd_out, min_sd)
+    sd_in = sd_in if math.isfinite(sd_in) and sd_in > min_sd else min_sd
+    sd_out = sd_out if math.isfinite(sd_out) and sd_out > min_sd else min_sd
     online = norm.logpdf(target, mu_in, sd_in) - norm.logpdf(target, mu_out, sd_out)
     offline = -norm.logcdf((target - mu_out) / sd_out)
     return LiraScores(online, offline, mu_in, mu_out, sd_in, sd_out)
