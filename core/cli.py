@@ -290,8 +290,9 @@ def cmd_mia_trend(args: argparse.Namespace) -> None:
     runs = [get_run(ws, r) for r in run_checkpoints(ws, args.checkpoints, args.members, args.nonmembers,
                                                      final_model=args.model, timestep=args.mia_timestep,
                                                      noise_draws=args.mia_noise_draws, seed=args.mia_seed,
-                                                     device=ws.settings()["device"])]
-    lines = ["step      held-out loss   AUC     TPR@1%FPR"]
+                                                     device=ws.settings()["device"], inception=args.inception,
+                                                     fid_samples=args.fid_samples, fid_steps=args.fid_steps)]
+    lines = [f"step      {'FID' if args.inception else 'held-out loss':15s} AUC     TPR@1%FPR"]
     lines += [f"{r.step:<9} {r.quality:<15.5f} {r.metrics['auc']:<7.3f} {r.metrics['tpr_at_1pct_fpr']:.1%}" for r in runs]
     _emit(args, "\n".join(lines), {"runs": [{"run_id": r.id, "step": r.step, "quality": r.quality,
                                              "auc": r.metrics["auc"], "tpr_at_1pct_fpr": r.metrics["tpr_at_1pct_fpr"]}
@@ -442,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="the final model too (its steps from training.json)")
     p.add_argument("--members", required=True, help="folder or manifest of training images")
     p.add_argument("--nonmembers", required=True, help="folder or manifest of held-out images")
+    p.add_argument("--inception", help="a local torchvision inception_v3 state dict: quality is FID against the members "
+                                       "(default: the held-out denoising loss, no weights needed)")
+    p.add_argument("--fid-samples", type=int, default=256, help="with --inception: images generated per checkpoint")
+    p.add_argument("--fid-steps", type=int, default=20, help="with --inception: sampling steps")
     _setting_flag(p, "mia_timestep", "--timestep")
     _setting_flag(p, "mia_noise_draws", "--noise-draws")
     _setting_flag(p, "mia_seed", "--seed")

@@ -77,5 +77,5 @@ def quality_trend(trend: Sequence[Mapping], title: str = "Membership against qua
     fig.update_xaxes(autorange="reversed")  # better models (lower loss) to the right, as the paper's FID axis
     fig.update_yaxes(tickformat=".0%", rangemode="tozero")
     measure = points[0].get("quality_measure") or "quality"
-    name = "held-out denoising loss (lower is better)" if measure == "held_out_loss" else measure
+    name = {"held_out_loss": "held-out denoising loss (lower is better)", "fid": "FID (lower is better)"}.get(measure, measure)
     return _layout(fig, title, name, "TPR at 1% FPR")

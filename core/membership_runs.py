@@ -15,7 +15,8 @@ itself included; exact over all member pairs.
 Trend (Figure 11): ``run_checkpoints`` scores every ``step-<N>`` folder of a checkpoints
 folder (and the final model) with the loss attack, each run tagged with one ``series`` and its
 step, with the held-out denoising loss of the non-members as the quality measure (lower is
-better; ``core.membership.held_out_loss``).
+better; ``core.membership.held_out_loss``), or FID against the members when a local Inception
+checkpoint is given (``core.quality``).
 """
 
 from __future__ import annotations
@@ -126,12 +127,15 @@ def run_membership(ws: Workspace, model: str, members: str | Path, nonmembers: s
                    attack: str | None = None, timestep: int | None = None, noise_draws: int | None = None,
                    seed: int | None = None, shadow_dir: str | Path | None = None, quality: bool = False,
                    series: str | None = None, step: int | None = None, device: str = "cpu",
+                   fid: tuple[Any, int, int] | None = None,
                    progress: Callable[[int, int], None] | None = None,
                    should_stop: Callable[[], bool] | None = None) -> int | None:
     """Score the member and non-member sets against ``model`` and store a membership run.
 
-    Unset parameters come from the workspace settings. Returns the run id, or None when
-    ``should_stop`` ended the run early (nothing is stored then).
+    Unset parameters come from the workspace settings. ``quality`` also measures the held-out
+    denoising loss of the non-members; ``fid`` (an Inception model from ``core.quality``, the
+    sample count, the sampling steps) measures FID against the members instead. Returns the run
+    id, or None when ``should_stop`` ended the run early (nothing is stored then).
     """
     from . import config
     from .generate import load_pipeline
@@ -209,14 +213,19 @@ def run_membership(ws: Workspace, model: str, members: str | Path, nonmembers: s
     else:
         score = -target
     metrics = {**roc_metrics(score, member).to_dict(), **extra_metrics}
-    q = None
-    if quality:
+    q, measure = None, None
+    if fid is not None:
+        from .quality import fid as fid_of
+
+        q, measure = fid_of(loaded, pixels[member], fid[0], samples=fid[1], seed=seed, steps=fid[2]), "fid"
+    elif quality:
         q = held_out_loss(d, loaded, pixels[~member], [c for c, m in zip(conditions, member) if not m],
                           seed=seed, batch_size=batch)
+        measure = "held_out_loss"
     dups = np.ones(n, dtype=int)
     dups[: len(mset)] = _duplicates(pixels[: len(mset)], float(s["duplicate_threshold"]))
     return _store(ws, loaded, mset, nset, m_sha + n_sha, member, conditions, target, score, offline, dups,
-                  params, metrics, series, step, q)
+                  params, metrics, series, step, q, measure)
 
 
 def _copy_in(ws: Workspace, src: Path, sha: str) -> str:
@@ -234,7 +243,7 @@ def _copy_in(ws: Workspace, src: Path, sha: str) -> str:
 def _store(ws: Workspace, loaded: Any, mset: ImageSet, nset: ImageSet, digests: list[str], member: np.ndarray,
            conditions: list[str | None], target: np.ndarray, score: np.ndarray, offline: np.ndarray | None,
            dups: np.ndarray, params: dict[str, Any], metrics: dict[str, Any], series: str | None, step: int | None,
-           quality: float | None) -> int:
+           quality: float | None, measure: str | None) -> int:
     files = mset.files + nset.files
     copies = [_copy_in(ws, f, sha) for f, sha in zip(files, digests)]
     with ws.transaction() as con:
@@ -242,7 +251,7 @@ def _store(ws: Workspace, loaded: Any, mset: ImageSet, nset: ImageSet, digests: 
             "INSERT INTO membership_runs(created_at, attack, model_ref, model_hash, timestep, noise_draws, seed, series, "
             "step, quality, quality_measure, params, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (now(), params["attack"], loaded.ref, loaded.weights_hash, params["timestep"], params["noise_draws"],
-             params["seed"], series, step, quality, None if quality is None else "held_out_loss",
+             params["seed"], series, step, quality, measure,
              json.dumps(params), json.dumps(metrics)))
         run_id = int(cur.lastrowid)
         con.executemany(
@@ -264,10 +273,19 @@ def checkpoint_folders(folder: str | Path) -> list[tuple[int, Path]]:
 
 def run_checkpoints(ws: Workspace, checkpoints: str | Path, members: str | Path, nonmembers: str | Path, *,
                     final_model: str | Path | None = None, timestep: int | None = None, noise_draws: int | None = None,
-                    seed: int | None = None, device: str = "cpu",
+                    seed: int | None = None, device: str = "cpu", inception: str | Path | None = None,
+                    fid_samples: int = 256, fid_steps: int = 20,
                     progress: Callable[[int, int], None] | None = None) -> list[int]:
-    """A loss-attack run for each checkpoint (and the final model, at its training steps), one series."""
+    """A loss-attack run for each checkpoint (and the final model, at its training steps), one series.
+
+    Quality: FID with ``inception`` (a local checkpoint, ``core.quality``), else the held-out loss.
+    """
     found = checkpoint_folders(checkpoints)
+    fid = None
+    if inception is not None:
+        from .quality import load_inception
+
+        fid = (load_inception(inception), int(fid_samples), int(fid_steps))
     if final_model is not None:
         log = Path(final_model) / "training.json"
         steps = json.loads(log.read_text(encoding="utf-8"))["config"]["steps"] if log.is_file() else found[-1][0] + 1
@@ -276,7 +294,8 @@ def run_checkpoints(ws: Workspace, checkpoints: str | Path, members: str | Path,
     runs = []
     for i, (step, folder) in enumerate(found):
         run = run_membership(ws, str(folder), members, nonmembers, attack="loss", timestep=timestep,
-                             noise_draws=noise_draws, seed=seed, quality=True, series=series, step=step, device=device)
+                             noise_draws=noise_draws, seed=seed, quality=True, series=series, step=step, device=device,
+                             fid=fid)
         runs.append(int(run))  # type: ignore[arg-type]
         if progress is not None:
             progress(i + 1, len(found))

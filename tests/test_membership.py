@@ -213,3 +213,32 @@ def test_bad_sets_are_refused_before_anything_is_written(overfit, tmp_path):
         membership_runs.run_membership(ws, model, overfit / "members", overfit / "nonmembers", attack="lira")
     assert sorted(p.name for p in ws.root.rglob("*")) == before
     assert membership_runs.list_runs(ws) == []
+
+
+# ---------------------------------------------------------------------------- FID with a local Inception checkpoint
+def test_frechet_distance_of_gaussians_matches_the_closed_form():
+    from core.quality import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, (20000, 4))
+    b = rng.normal([1, 0, 2, 0], [1, 1, 1, 2], (20000, 4))
+    # |mu_a - mu_b|^2 = 5; covariances I and diag(1, 1, 1, 4): tr = 4 + 7 - 2 (1 + 1 + 1 + 2) = 1
+    assert frechet_distance(a, b) == pytest.approx(6.0, abs=0.1)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow  # Inception-v3 at 299 x 299 on the CPU
+def test_trend_uses_fid_when_an_inception_checkpoint_is_given(overfit, tmp_path):
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "inception.pt"
+    torch.save(inception_v3(weights=None, aux_logits=False, init_weights=True).state_dict(), ckpt)
+    ws = Workspace.init(tmp_path / "ws")
+    runs = membership_runs.run_checkpoints(ws, overfit / "checkpoints", overfit / "members", overfit / "nonmembers",
+                                           timestep=99, noise_draws=1, inception=ckpt, fid_samples=8, fid_steps=5)
+    info = membership_runs.get_run(ws, runs[0])
+    assert info.quality_measure == "fid" and info.quality > 0
+    with pytest.raises(InputError, match="no such Inception checkpoint"):
+        membership_runs.run_checkpoints(ws, overfit / "checkpoints", overfit / "members", overfit / "nonmembers",
+                                        inception=tmp_path / "missing.pt")
