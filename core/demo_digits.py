@@ -98,11 +98,29 @@ def build_data(out_dir: str | Path = DIGITS_DIR) -> Path:
 
 
 def train_model(out_dir: str | Path = MODEL_DIR, checkpoints: str | Path = CHECKPOINTS_DIR, *, progress=None):
-    """Train the demo model on members/ (and save CHECKPOINT_STEPS along the way)."""
+    """Train the demo model on members/ (and save CHECKPOINT_STEPS along the way, in float16)."""
+    from .shadows import halve_weights
     from .train import train
 
-    return train(MEMBERS_DIR, out_dir, **TRAIN, snapshot_steps=CHECKPOINT_STEPS, snapshot_dir=checkpoints,
-                 threads=TRAIN_THREADS, checkpoint_every=500, progress=progress)
+    report = train(MEMBERS_DIR, out_dir, **TRAIN, snapshot_steps=CHECKPOINT_STEPS, snapshot_dir=checkpoints,
+                   threads=TRAIN_THREADS, checkpoint_every=500, progress=progress)
+    for folder in Path(checkpoints).glob("step-*"):
+        halve_weights(folder)
+    relative_records()
+    return report
+
+
+def relative_records() -> None:
+    """Name the shipped files relative to the checkout in the training records (not by this machine's paths)."""
+    import json
+
+    prefix = str(DEMO_DIR.parent.parent) + "/"
+    for f in [MODEL_DIR / "training.json", SHADOWS_DIR / "shadows.json", *SHADOWS_DIR.glob("shadow-*/training.json")]:
+        if f.is_file():
+            text = f.read_text(encoding="utf-8")
+            if prefix in text:
+                record = json.loads(text.replace(prefix, ""))
+                f.write_text(json.dumps(record, indent=1 if f.name == "shadows.json" else 2) + "\n", encoding="utf-8")
 
 
 def train_shadow_models(out_dir: str | Path = SHADOWS_DIR, *, progress=None):
@@ -110,8 +128,10 @@ def train_shadow_models(out_dir: str | Path = SHADOWS_DIR, *, progress=None):
     from .shadows import train_shadows
 
     recipe = {k: v for k, v in TRAIN.items() if k != "seed"}
-    return train_shadows(SPLIT_CSV, out_dir, count=SHADOWS, seed=SHADOW_SEED, recipe=recipe, threads=TRAIN_THREADS, compact=True,
-                         progress=progress)
+    result = train_shadows(SPLIT_CSV, out_dir, count=SHADOWS, seed=SHADOW_SEED, recipe=recipe, threads=TRAIN_THREADS,
+                           compact=True, progress=progress)
+    relative_records()
+    return result
 
 
 def run_membership_demo(ws, *, draws: int = MIA_NOISE_DRAWS) -> dict:

@@ -132,7 +132,8 @@ def read_training_set(data_dir: str | Path, manifest: str | Path | None = None, 
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not needed <= set(reader.fieldnames):
-            raise InputError(f"{path}: needs a header with columns {','.join(sorted(needed))}, got {reader.fieldnames}")
+            raise InputError(f"{path}: needs a header with columns {'file' if unconditional else 'file,caption'}, "
+                             f"got {reader.fieldnames}")
         rows = [(r["file"], "" if unconditional else r["caption"]) for r in reader]
     return _fingerprinted(data_dir, path, rows, unconditional)
 
