@@ -179,6 +179,12 @@ def test_a_model_that_memorised_tells_its_training_images_from_held_out_ones(ove
     assert [h["idx"] for h in view.hardest] == [e["idx"] for e in view.easiest][::-1]
     for h in view.hardest:  # the images were copied into the workspace
         assert ws.resolve(h["image"]).is_file() and h["duplicates"] == 1
+    from core.maintenance import backup, verify
+
+    report = verify(ws)
+    assert report.ok and report.checked_files == 16 and not report.orphans
+    copy = Workspace.open(backup(ws, tmp_path / "backup"))
+    assert all(copy.resolve(r["image"]).is_file() for r in membership_runs.scores(copy, run_id))
 
 
 def test_checkpoints_form_a_trend_with_the_held_out_loss(overfit, tmp_path):
