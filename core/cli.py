@@ -34,7 +34,7 @@ def _emit(args: argparse.Namespace, summary: str, data: dict[str, Any]) -> None:
         print(summary)
 
 
-def _progress_printer(enabled: bool) -> Callable[[str, int, int], None] | None:
+def _progress_printer(enabled: bool, unit: str = "prompt") -> Callable[[str, int, int], None] | None:
     if not enabled:
         return None
     from tqdm import tqdm
@@ -44,7 +44,7 @@ def _progress_printer(enabled: bool) -> Callable[[str, int, int], None] | None:
     def progress(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="prompt", leave=False, file=sys.stderr)
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit=unit, leave=False, file=sys.stderr)
         bar.n = done
         bar.refresh()
         if done >= total:
@@ -275,9 +275,15 @@ def cmd_mia(args: argparse.Namespace) -> None:
     from .membership_runs import get_run, run_membership
 
     ws = _ws(args.workspace)
-    run_id = run_membership(ws, args.model, args.members, args.nonmembers, attack=args.mia_attack,
-                            timestep=args.mia_timestep, noise_draws=args.mia_noise_draws, seed=args.mia_seed,
-                            shadow_dir=args.shadow_dir, quality=args.quality, device=ws.settings()["device"])
+    bars = _progress_printer(not args.json, unit="image")
+    try:
+        run_id = run_membership(ws, args.model, args.members, args.nonmembers, attack=args.mia_attack,
+                                timestep=args.mia_timestep, noise_draws=args.mia_noise_draws, seed=args.mia_seed,
+                                shadow_dir=args.shadow_dir, quality=args.quality, device=ws.settings()["device"],
+                                progress=None if bars is None else (lambda done, total: bars("scoring", done, total)))
+    finally:
+        if bars is not None:
+            bars.close()  # type: ignore[attr-defined]
     run = get_run(ws, run_id)
     _emit(args, "\n".join(_mia_lines(run)), {"run_id": run.id, "attack": run.attack, "timestep": run.timestep,
                                               "metrics": run.metrics, "quality": run.quality, "parameters": run.params})
