@@ -75,7 +75,7 @@ def quality_trend(trend: Sequence[Mapping], title: str = "Membership against qua
         text=[f"step {t['step']}" for t in points], textposition="top center",
         marker=dict(color=POSITIVE_COLOUR, size=9), line=dict(color=NEUTRAL_COLOUR, width=1), name="checkpoints"))
     fig.update_xaxes(autorange="reversed")  # better models (lower loss) to the right, as the paper's FID axis
-    fig.update_yaxes(tickformat=".0%", rangemode="tozero")
+    fig.update_yaxes(tickformat=".1%", rangemode="tozero")
     measure = points[0].get("quality_measure") or "quality"
     name = {"held_out_loss": "held-out denoising loss (lower is better)", "fid": "FID (lower is better)"}.get(measure, measure)
     return _layout(fig, title, name, "TPR at 1% FPR")

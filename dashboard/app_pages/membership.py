@@ -134,5 +134,9 @@ for title, rows, key in (("Hardest", view.hardest, "hard"), ("Easiest", view.eas
 if view.trend:
     st.subheader("Along training")
     st.plotly_chart(membership_figures.quality_trend(view.trend), key="membership_trend")
-    st.dataframe([{"step": t["step"], "held-out loss": t["quality"], "AUC": t["auc"], "TPR at 1% FPR": t["tpr_at_1pct_fpr"]}
-                  for t in view.trend], hide_index=True)
+    measure = "FID" if view.trend[0]["quality_measure"] == "fid" else "held-out loss"
+    st.dataframe([{"step": t["step"], measure: t["quality"], "AUC": t["auc"], "TPR at 1% FPR": t["tpr_at_1pct_fpr"]}
+                  for t in view.trend], hide_index=True,
+                 column_config={measure: st.column_config.NumberColumn(format="%.4f"),
+                                "AUC": st.column_config.NumberColumn(format="%.3f"),
+                                "TPR at 1% FPR": st.column_config.NumberColumn(format="percent")})
