@@ -84,6 +84,22 @@ def test_loss_of_a_latent_text_conditioned_model_uses_the_caption(tmp_path):
         membership.losses(d, loaded, pixels, [None, "x"], timestep=10, draws=1, seed=0)
 
 
+def test_loss_of_a_class_conditional_latent_model_uses_the_label(tmp_path):
+    from tiny_models import build_class_conditional
+
+    loaded = load_pipeline(str(build_class_conditional(tmp_path / "dit")), "cpu")
+    d = membership.denoiser(loaded)
+    assert d.kind == "class" and d.vae is not None
+    pixels = quantised(np.random.default_rng(2), 2)
+    by_name = membership.losses(d, loaded, pixels, ["red fox", "red fox"], timestep=10, draws=2, seed=0)
+    by_id = membership.losses(d, loaded, pixels, ["2", "2"], timestep=10, draws=2, seed=0)
+    other = membership.losses(d, loaded, pixels, ["0", "0"], timestep=10, draws=2, seed=0)
+    np.testing.assert_allclose(by_name, by_id)
+    assert not np.allclose(by_id, other)
+    with pytest.raises(InputError, match="is not a class"):
+        membership.losses(d, loaded, pixels, ["a unicorn", "2"], timestep=10, draws=1, seed=0)
+
+
 def test_unknown_prediction_type_is_refused(tmp_path):
     loaded = load_pipeline(str(set_prediction_type(build_unconditional(tmp_path / "m"), "flow")), "cpu")
     with pytest.raises(InputError, match="prediction_type is 'flow'"):
