@@ -341,6 +341,13 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from . import demo
 
+    if args.workspace == "train-digits":
+        from .demo_digits import train_model
+
+        report = train_model()
+        _emit(args, f"trained the digits model in {report.total_seconds:.0f} s (shadows: python -m core.demo_digits shadows)",
+              {"out": str(report.out_dir), "seconds": report.total_seconds, "final_loss": report.final_loss})
+        return
     if args.workspace == "train":
         report = demo.train_demo_model(steps=args.train_steps, seed=args.seed)
         _emit(args, f"trained the demo model: {report}", {"report": str(report)})
@@ -352,6 +359,92 @@ def cmd_demo(args: argparse.Namespace) -> None:
         from dashboard.launch import launch
 
         raise SystemExit(launch(args.workspace, port=args.port, host="127.0.0.1", open_browser=True))
+
+
+# ---------------------------------------------------------------------------- membership inference
+def _mia_lines(run) -> list[str]:
+    m = run.metrics
+    lines = [f"membership run {run.id}: {run.attack} at t={run.timestep}, {m['members']} members / {m['nonmembers']} "
+             f"non-members: AUC {m['auc']:.3f}, TPR {m['tpr_at_1pct_fpr']:.1%} at 1% FPR, {m['tpr_at_0_1pct_fpr']:.1%} "
+             f"at 0.1% FPR, balanced accuracy {m['balanced_accuracy']:.3f}"]
+    if "offline" in m:
+        o = m["offline"]
+        lines.append(f"  LiRA offline: AUC {o['auc']:.3f}, TPR {o['tpr_at_1pct_fpr']:.1%} at 1% FPR")
+    if run.quality is not None:
+        lines.append(f"  quality ({run.quality_measure}): {run.quality:.5f}")
+    return lines + [f"  note: {n}" for n in m.get("notes", [])]
+
+
+def cmd_mia(args: argparse.Namespace) -> None:
+    from .membership_runs import get_run, run_membership
+
+    ws = _ws(args.workspace)
+    bars = _progress_printer(not args.json, unit="image")
+    try:
+        run_id = run_membership(ws, args.model, args.members, args.nonmembers, attack=args.mia_attack,
+                                timestep=args.mia_timestep, noise_draws=args.mia_noise_draws, seed=args.mia_seed,
+                                shadow_dir=args.shadow_dir, quality=args.quality, device=ws.settings()["device"],
+                                progress=None if bars is None else (lambda done, total: bars("scoring", done, total)))
+    finally:
+        if bars is not None:
+            bars.close()  # type: ignore[attr-defined]
+    run = get_run(ws, run_id)
+    _emit(args, "\n".join(_mia_lines(run)), {"run_id": run.id, "attack": run.attack, "timestep": run.timestep,
+                                              "metrics": run.metrics, "quality": run.quality, "parameters": run.params})
+
+
+def cmd_mia_trend(args: argparse.Namespace) -> None:
+    from .membership_runs import get_run, run_checkpoints
+
+    ws = _ws(args.workspace)
+    runs = [get_run(ws, r) for r in run_checkpoints(ws, args.checkpoints, args.members, args.nonmembers,
+                                                     final_model=args.model, timestep=args.mia_timestep,
+                                                     noise_draws=args.mia_noise_draws, seed=args.mia_seed,
+                                                     device=ws.settings()["device"], inception=args.inception,
+                                                     fid_samples=args.fid_samples, fid_steps=args.fid_steps)]
+    lines = [f"step      {'FID' if args.inception else 'held-out loss':15s} AUC     TPR@1%FPR"]
+    lines += [f"{r.step:<9} {r.quality:<15.5f} {r.metrics['auc']:<7.3f} {r.metrics['tpr_at_1pct_fpr']:.1%}" for r in runs]
+    _emit(args, "\n".join(lines), {"runs": [{"run_id": r.id, "step": r.step, "quality": r.quality,
+                                             "auc": r.metrics["auc"], "tpr_at_1pct_fpr": r.metrics["tpr_at_1pct_fpr"]}
+                                            for r in runs]})
+
+
+def cmd_mia_runs(args: argparse.Namespace) -> None:
+    from .membership_runs import list_runs
+
+    runs = list_runs(_ws(args.workspace))
+    _emit(args, "\n".join(f"{r.label}  {r.model_ref}" for r in runs) or "no membership runs yet",
+          {"runs": [{"id": r.id, "attack": r.attack, "timestep": r.timestep, "model": r.model_ref, "step": r.step,
+                     "metrics": r.metrics} for r in runs]})
+
+
+def cmd_train_shadows(args: argparse.Namespace) -> None:
+    from .shadows import recipe_of, train_shadows
+
+    recipe = recipe_of(args.like) if args.like else {}
+    for key in ("steps", "size", "batch_size"):
+        if getattr(args, key) is not None:
+            recipe[key] = getattr(args, key)
+    if args.unconditional:
+        recipe["unconditional"] = True
+    if "steps" not in recipe:
+        raise MemauditError("give --like MODEL (a model trained by memaudit) or --steps to say how to train the shadows")
+    try:
+        count = config.check("shadow_count", config.default("shadow_count") if args.shadow_count is None else args.shadow_count)
+    except ValueError as e:
+        raise MemauditError(str(e)) from None
+
+    def say(i: int, k: int, seconds: float) -> None:
+        if not args.json:
+            print(f"shadow {i + 1} of {k} trained in {seconds:.0f} s", file=sys.stderr, flush=True)
+
+    result = train_shadows(args.pool, args.out, count=count, seed=args.seed, recipe=recipe, threads=args.threads,
+                           progress=say)
+    _emit(args, f"{len(result.models)} of {result.count} shadow models trained in {args.out} "
+                f"(seeds {', '.join(map(str, result.seeds))}); each of the {len(result.rel)} pool images is IN for "
+                f"{result.count // 2} of them",
+          {"out": str(args.out), "trained": len(result.models), "count": result.count, "seeds": list(result.seeds),
+           "pool_images": len(result.rel), "recipe": result.recipe})
 
 
 # ---------------------------------------------------------------------------- parser
@@ -476,8 +569,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; anything else exposes the training set)")
 
-    p = add("demo", cmd_demo, "Build the embedded demo workspace (shipped data and model), or `demo train` to retrain the shipped model.")
-    p.add_argument("workspace", nargs="?", default=DEFAULT_DEMO_WS, help=f"workspace folder (default {DEFAULT_DEMO_WS}), or 'train'")
+    p = add("mia", cmd_mia, "Membership inference: score member and non-member images against a model (loss at a "
+                            "timestep, or LiRA with shadow models) and store a membership run.")
+    p.add_argument("workspace", help="workspace folder")
+    p.add_argument("--model", required=True, help="local diffusers directory, or a hub id (needs network)")
+    p.add_argument("--members", required=True, help="folder or manifest (CSV/JSONL: path[,caption|label]) of training images")
+    p.add_argument("--nonmembers", required=True, help="folder or manifest of images the model was not trained on")
+    _setting_flag(p, "mia_attack", "--attack")
+    _setting_flag(p, "mia_timestep", "--timestep")
+    _setting_flag(p, "mia_noise_draws", "--noise-draws")
+    _setting_flag(p, "mia_seed", "--seed")
+    p.add_argument("--shadow-dir", help="with --attack lira: the folder `memaudit train-shadows` wrote")
+    p.add_argument("--quality", action="store_true", help="also measure the held-out denoising loss of the non-members")
+
+    p = add("mia-trend", cmd_mia_trend, "Membership against quality along training (Figure 11): the loss attack on every "
+                                        "step-<N> checkpoint, with the non-members' held-out denoising loss.")
+    p.add_argument("workspace", help="workspace folder")
+    p.add_argument("--checkpoints", required=True, help="folder of step-<N> diffusers folders")
+    p.add_argument("--model", help="the final model too (its steps from training.json)")
+    p.add_argument("--members", required=True, help="folder or manifest of training images")
+    p.add_argument("--nonmembers", required=True, help="folder or manifest of held-out images")
+    p.add_argument("--inception", help="a local torchvision inception_v3 state dict: quality is FID against the members "
+                                       "(default: the held-out denoising loss, no weights needed)")
+    p.add_argument("--fid-samples", type=int, default=256, help="with --inception: images generated per checkpoint")
+    p.add_argument("--fid-steps", type=int, default=20, help="with --inception: sampling steps")
+    _setting_flag(p, "mia_timestep", "--timestep")
+    _setting_flag(p, "mia_noise_draws", "--noise-draws")
+    _setting_flag(p, "mia_seed", "--seed")
+
+    p = add("mia-runs", cmd_mia_runs, "List the workspace's membership runs with their metrics.")
+    p.add_argument("workspace", help="workspace folder")
+
+    p = add("train-shadows", cmd_train_shadows, "Train LiRA shadow models on random halves of a pool (each image IN for "
+                                                "half of them), resumable, seeds recorded in OUT/shadows.json.")
+    p.add_argument("pool", help="folder or manifest of every image the attack will score (members and non-members)")
+    p.add_argument("out", help="folder for the shadow models")
+    p.add_argument("--like", help="a model trained by memaudit: train the shadows with its recipe (training.json)")
+    _setting_flag(p, "shadow_count", "--count")
+    p.add_argument("--steps", type=int, help="training steps (overrides --like)")
+    p.add_argument("--size", type=int, help="image side (overrides --like)")
+    p.add_argument("--batch-size", type=int, help="batch size (overrides --like)")
+    p.add_argument("--unconditional", action="store_true", help="unconditional shadows (no captions)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the IN/OUT assignment; shadow i trains with seed*1000+i")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+    p = add("demo", cmd_demo, "Build the embedded demo workspace (shipped data and models), `demo train` to retrain the shipped model, "
+                          "or `demo train-digits` the membership demo's digits model.")
+    p.add_argument("workspace", nargs="?", default=DEFAULT_DEMO_WS, help=f"workspace folder (default {DEFAULT_DEMO_WS}), 'train' or 'train-digits'")
     p.add_argument("--open", action="store_true", help="start the dashboard on the result")
     p.add_argument("--port", type=int, default=8501, help="dashboard port with --open (default 8501)")
     p.add_argument("--train-steps", type=int, default=None, help="with `demo train`: training steps")

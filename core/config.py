@@ -178,6 +178,17 @@ _SETTINGS = [
     Setting("inpaint_score_max_t", 0.3, float,
             "The ranking loss is averaged over the sampling grid's timesteps up to this fraction of the noise "
             "schedule (the paper's membership signal lies at low t, about 100 of 1000).", 0.0, 1.0),
+    # --- membership inference (core.membership) ---
+    Setting("mia_attack", "loss", str,
+            "Membership attack: 'loss' (the training loss at one timestep) or 'lira' (likelihood ratio against "
+            "shadow models trained on random halves of a pool; online and offline).", choices=("loss", "lira")),
+    Setting("mia_timestep", 100, int,
+            "Timestep t of the loss attack (of the scheduler's training timesteps; the paper found about 100 of "
+            "1000 best). Models trained on a timestep grid should be attacked on it.", 0, None),
+    Setting("mia_noise_draws", 8, int, "Seeded noise draws the loss is averaged over, the same for every image.", 1, 4096),
+    Setting("mia_seed", 0, int, "Seed of the first noise draw (draw k uses seed + k).", 0, 2**63 - 1),
+    Setting("mia_batch_size", 64, int, "Denoiser inputs per forward pass in the membership attacks.", 1, 65536),
+    Setting("shadow_count", 8, int, "LiRA shadow models: each image is IN for half of them (even).", 2, 1024),
 ]
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in _SETTINGS}

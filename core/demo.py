@@ -38,6 +38,7 @@ class DemoResult:
     triage: dict[str, Any] = field(default_factory=dict)
     inpainting: dict[str, Any] | None = None  # the digits inpainting run's summary (None: skipped)
     notes: list[str] = field(default_factory=list)
+    membership: dict[str, Any] = field(default_factory=dict)  # core.demo_digits.run_membership_demo
 
     @property
     def summary(self) -> str:
@@ -57,6 +58,10 @@ class DemoResult:
                       f"  model-chosen: members {med('chosen', 'members'):.3f}, non-members {med('chosen', 'nonmembers'):.3f} "
                       f"(AUC {ip['chosen']['auc']:.2f})",
                       f"  best of N (oracle bound): members {med('best', 'members'):.3f}, non-members {med('best', 'nonmembers'):.3f}"]
+        if self.membership:
+            from .demo_digits import membership_summary
+
+            lines += [""] + membership_summary(self.membership)
         lines += [f"note: {n}" for n in self.notes]
         lines.append("")
         lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()))
@@ -65,11 +70,11 @@ class DemoResult:
     def as_dict(self) -> dict[str, Any]:
         return {"workspace": str(self.workspace), "run_id": self.run_id, "seconds": self.seconds,
                 "counts": self.summary_counts, "figure5": self.table, "triage": self.triage,
-                "inpainting": self.inpainting, "notes": self.notes}
+                "inpainting": self.inpainting, "membership": self.membership, "notes": self.notes}
 
 
 def build_demo(root: str | Path, *, progress: bool = True, per_prompt: int = DEMO_PER_PROMPT, steps: int = DEMO_STEPS,
-               device: str = "cpu") -> DemoResult:
+               device: str = "cpu", membership: bool = True) -> DemoResult:
     from . import audit, triage
     from .demo_data import DEMO_DATA_DIR, DEMO_MODEL_DIR, DEMO_PROMPTS
     from .generate import generate, read_prompts
@@ -106,6 +111,13 @@ def build_demo(root: str | Path, *, progress: bool = True, per_prompt: int = DEM
                      "summary": check.summary()}
     result = DemoResult(ws.root, run_id, seconds, audit.count_summary(ws, run_id), audit.caption_duplicate_table(ws, run_id),
                         triage_result)
+
+    if membership:  # the digits model: loss attack, LiRA, the trend along training (core.demo_digits)
+        from .demo_digits import run_membership_demo
+
+        t = time.perf_counter()
+        result.membership = run_membership_demo(ws)
+        seconds["membership"] = time.perf_counter() - t
 
     t = time.perf_counter()
     result.inpainting = demo_inpainting(ws, device=device, notes=result.notes)

@@ -32,7 +32,11 @@ def export_json(ws: Workspace, run_id: int | None = None) -> dict[str, Any]:
 
 def _audit_json(ws: Workspace, run_id: int | None) -> dict[str, Any]:
     from . import audit, labels
+    from .membership_runs import export_runs
 
+    membership = export_runs(ws)
+    if run_id is None and membership and audit.latest_run(ws) is None:  # a workspace used for membership inference only
+        return {"run_id": None, "membership_runs": membership}
     run_id = audit._require_run(ws, run_id)
     params = audit.run_params(ws, run_id)
     current = labels.current_labels(ws)
@@ -62,11 +66,14 @@ def _audit_json(ws: Workspace, run_id: int | None) -> dict[str, Any]:
                "reviewer": e.reviewer, "label": e.label, "note": e.note, "created_at": e.created_at, "undoes": e.undoes}
               for e in labels.label_events(ws)]
     return {"run_id": run_id, "parameters": params.to_dict(), "summary": audit.count_summary(ws, run_id),
-            "prompts": prompts, "candidates": out_cands, "label_events": events}
+            "prompts": prompts, "candidates": out_cands, "label_events": events,
+            "membership_runs": membership}
 
 
 def export_csv(ws: Workspace, run_id: int | None = None) -> str:
-    data = export_json(ws, run_id)
+    from . import audit
+
+    data = export_json(ws, audit._require_run(ws, run_id))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

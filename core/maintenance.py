@@ -12,7 +12,9 @@ from .errors import WorkspaceError
 from .store import DB_NAME, Workspace
 
 # Folders copied by a backup; cache/ is derived data and index/ is rebuilt from the database when missing.
-BACKUP_FOLDERS = ("generations", "training", "index", "inpainting")
+BACKUP_FOLDERS = ("generations", "training", "index", "inpainting", "membership")
+# Every stored file a row names (membership: the scored images' copies); inpainting runs add theirs.
+_FILES_SQL = "SELECT path FROM generations UNION SELECT path FROM training_images UNION SELECT image FROM membership_scores"
 
 
 @dataclass
@@ -49,7 +51,7 @@ def backup(ws: Workspace, out: str | Path) -> Path:
     for sub in BACKUP_FOLDERS + ("cache",):
         (out / sub).mkdir(exist_ok=True)
     with copy.connect() as con:
-        paths = [r[0] for r in con.execute("SELECT path FROM generations UNION SELECT path FROM training_images")]
+        paths = [r[0] for r in con.execute(_FILES_SQL)]
     paths += inpaint.run_paths(copy)
     for rel in paths:
         src_file = ws.resolve(rel)
@@ -68,7 +70,7 @@ def verify(ws: Workspace) -> VerifyReport:
     report = VerifyReport()
     with ws.connect() as con:
         report.integrity = "; ".join(r[0] for r in con.execute("PRAGMA integrity_check"))
-        paths = [r[0] for r in con.execute("SELECT path FROM generations UNION SELECT path FROM training_images")]
+        paths = [r[0] for r in con.execute(_FILES_SQL)]
     paths += inpaint.run_paths(ws)
     known = set()
     for rel in paths:
@@ -81,7 +83,7 @@ def verify(ws: Workspace) -> VerifyReport:
         known.add(p)
         if not p.is_file() or p.stat().st_size == 0:
             report.missing.append(rel)
-    for sub in ("generations", "training", "inpainting"):
+    for sub in ("generations", "training", "inpainting", "membership"):
         for p in (ws.root / sub).rglob("*"):
             if p.is_file() and p.resolve() not in known:
                 report.orphans.append(p.relative_to(ws.root).as_posix())  # lexical: a symlink may lead outside

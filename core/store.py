@@ -188,6 +188,29 @@ CREATE TABLE duplicate_params(
 ALTER TABLE training_images ADD COLUMN duplicates_checked INTEGER NOT NULL DEFAULT 0;
 UPDATE training_images SET duplicate_group = NULL
 """),
+    ("membership runs", """
+CREATE TABLE membership_runs(
+  id INTEGER PRIMARY KEY, created_at TEXT NOT NULL,
+  attack TEXT NOT NULL CHECK (attack IN ('loss', 'lira')),
+  model_ref TEXT NOT NULL, model_hash TEXT NOT NULL,
+  timestep INTEGER NOT NULL, noise_draws INTEGER NOT NULL, seed INTEGER NOT NULL,
+  series TEXT, step INTEGER,        -- checkpoints of one training run share a series (the Figure 11 trend)
+  quality REAL, quality_measure TEXT,
+  params TEXT NOT NULL,             -- every parameter as JSON
+  metrics TEXT NOT NULL);           -- AUC, TPR at FPR, balanced accuracy (and LiRA offline's) as JSON
+CREATE TABLE membership_scores(
+  run_id INTEGER NOT NULL REFERENCES membership_runs(id) ON DELETE CASCADE,
+  idx INTEGER NOT NULL,
+  path TEXT NOT NULL,               -- the image as given (absolute)
+  image TEXT NOT NULL,              -- its copy in the workspace, membership/<sha[:2]>/<sha>.<ext>
+  member INTEGER NOT NULL,
+  condition TEXT,
+  loss REAL NOT NULL,               -- the target model's loss at the run's timestep
+  score REAL NOT NULL,              -- the attack's score, higher = more likely a member (LiRA: online)
+  score_offline REAL,               -- LiRA offline, NULL for the loss attack
+  duplicates INTEGER NOT NULL,      -- members within duplicate_threshold of this image, itself included
+  PRIMARY KEY (run_id, idx));
+"""),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

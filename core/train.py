@@ -3,13 +3,19 @@
 The folder holds images and ``captions.csv`` (columns ``file,caption``; ``file`` relative to
 the folder). Every listed file is one training example, so an image stored as 100 separate
 files is seen 100 times as often as a single one, as duplicates are in scraped data.
+``manifest`` names another CSV of the same columns (files still relative to the folder): the
+shadow models of membership inference (``core.shadows``) each train on such a list, a random
+half of one pool. With ``unconditional`` the model has no caption embedding and is saved as a
+``diffusers.DDIMPipeline``; captions are then ignored (and may be absent or empty), and a
+folder without ``captions.csv`` trains on every image in it (recursively, sorted by path).
 
 Recipe (chosen because it memorises quickly on a CPU):
 
 - images at ``size`` x ``size`` by the working-resolution rule (``core.images.to_working``),
   scaled to [-1, 1]; no augmentation;
 - ``diffusers.UNet2DModel`` with one class embedding per caption (id 0 = ``""``, used for
-  ``caption_dropout`` of the examples so that unconditional sampling and guidance work);
+  ``caption_dropout`` of the examples so that unconditional sampling and guidance work), or
+  none with ``unconditional``;
 - x0 prediction: with alpha-bar ``a_t`` of the cosine schedule, ``x_t = sqrt(a_t) x0 +
   sqrt(1 - a_t) eps`` and the loss is ``mean((unet(x_t, t, c) - x0)^2)``;
 - ``t`` drawn uniformly from the ``grid_steps``-step DDIM grid used for sampling
@@ -21,7 +27,9 @@ resumable: every ``checkpoint_every`` steps the pipeline and a ``train_state.pt`
 optimiser, random state, data order) are written to ``out_dir``; rerunning the same command
 continues from there, with results identical to an uninterrupted run. ``train_state.pt`` is
 removed when the run completes. ``training.json`` in ``out_dir`` records the settings, the
-data fingerprint, the seconds spent and the loss curve.
+data fingerprint, the seconds spent and the loss curve. ``snapshot_steps`` also saves the
+pipeline as it was after those steps to ``snapshot_dir/step-<N>`` (checkpoints along training,
+for the membership-against-quality trend of Figure 11).
 
 Run as ``python -m core.train --data DIR --out DIR --steps N --seed S``.
 """
@@ -64,6 +72,7 @@ class TrainConfig:
     layers_per_block: int = 1
     grid_steps: int = 20
     caption_dropout: float = 0.1
+    unconditional: bool = False
 
     def check(self) -> None:
         if self.steps < 1:
@@ -100,17 +109,36 @@ class TrainingSet:
     fingerprint: str  # sha256 over (relative path, caption, file sha256), in order
 
 
-def read_training_set(data_dir: str | Path) -> TrainingSet:
-    """Read ``captions.csv`` of ``data_dir``: one example per row, in file order."""
+def read_training_set(data_dir: str | Path, manifest: str | Path | None = None, *,
+                      unconditional: bool = False) -> TrainingSet:
+    """Read ``captions.csv`` of ``data_dir`` (or ``manifest``): one example per row, in file order.
+
+    With ``unconditional`` captions are not needed (every caption is ``""``), and a folder with
+    neither manifest nor ``captions.csv`` lists every image under it, sorted by relative path.
+    """
+    from .images import is_image_name
+
     data_dir = Path(data_dir)
-    path = data_dir / CAPTIONS_FILE
+    path = Path(manifest) if manifest is not None else data_dir / CAPTIONS_FILE
+    if not path.is_file() and unconditional and manifest is None:
+        rows = [(p.relative_to(data_dir).as_posix(), "") for p in sorted(data_dir.rglob("*"))
+                if p.is_file() and is_image_name(p)] if data_dir.is_dir() else []
+        if not rows:
+            raise InputError(f"{data_dir}: holds no images to train on")
+        return _fingerprinted(data_dir, path, rows, unconditional)
     if not path.is_file():
         raise InputError(f"{path}: not found; a training folder needs a {CAPTIONS_FILE} with columns file,caption")
+    needed = {"file"} if unconditional else {"file", "caption"}
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"file", "caption"} <= set(reader.fieldnames):
-            raise InputError(f"{path}: needs a header with columns file,caption, got {reader.fieldnames}")
-        rows = [(r["file"], r["caption"]) for r in reader]
+        if reader.fieldnames is None or not needed <= set(reader.fieldnames):
+            raise InputError(f"{path}: needs a header with columns {'file' if unconditional else 'file,caption'}, "
+                             f"got {reader.fieldnames}")
+        rows = [(r["file"], "" if unconditional else r["caption"]) for r in reader]
+    return _fingerprinted(data_dir, path, rows, unconditional)
+
+
+def _fingerprinted(data_dir: Path, path: Path, rows: list[tuple[str, str]], unconditional: bool) -> TrainingSet:
     if not rows:
         raise InputError(f"{path}: lists no training images; add rows file,caption")
     h = hashlib.sha256()
@@ -119,7 +147,7 @@ def read_training_set(data_dir: str | Path) -> TrainingSet:
         file = data_dir / rel
         if not file.is_file():
             raise InputError(f"{path}: lists {rel!r}, which is not a file in {data_dir}")
-        if not caption:
+        if not caption and not unconditional:
             raise InputError(f"{path}: {rel!r} has an empty caption; the empty caption is reserved for unconditional sampling")
         h.update(f"{rel}\0{caption}\0".encode())
         h.update(hashlib.sha256(file.read_bytes()).digest())
@@ -128,7 +156,7 @@ def read_training_set(data_dir: str | Path) -> TrainingSet:
     return TrainingSet(files, captions, h.hexdigest())
 
 
-def build_unet(config: TrainConfig, classes: int):
+def build_unet(config: TrainConfig, classes: int | None):
     from diffusers import UNet2DModel
 
     levels = len(config.channels)
@@ -194,8 +222,13 @@ def _write_json(obj: object, path: Path) -> None:
 def _save_pipeline(unet, vocabulary: list[str], config: TrainConfig, out_dir: Path) -> None:
     from .pipelines import CaptionConditionedPipeline, make_scheduler
 
-    pipe = CaptionConditionedPipeline(unet=unet, scheduler=make_scheduler(), vocabulary=vocabulary,
-                                      default_steps=config.grid_steps)
+    if config.unconditional:
+        from diffusers import DDIMPipeline
+
+        pipe = DDIMPipeline(unet=unet, scheduler=make_scheduler())
+    else:
+        pipe = CaptionConditionedPipeline(unet=unet, scheduler=make_scheduler(), vocabulary=vocabulary,
+                                          default_steps=config.grid_steps)
     pipe.save_pretrained(out_dir, safe_serialization=True)
 
 
@@ -213,7 +246,11 @@ def train(
     layers_per_block: int = 1,
     grid_steps: int = 20,
     caption_dropout: float = 0.1,
+    unconditional: bool = False,
+    manifest: str | Path | None = None,
     checkpoint_every: int = 250,
+    snapshot_steps: Sequence[int] = (),
+    snapshot_dir: str | Path | None = None,
     threads: int | None = None,
     resume: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
@@ -232,11 +269,14 @@ def train(
     config = TrainConfig(steps=int(steps), seed=int(seed), size=int(size), batch_size=int(batch_size), lr=float(lr),
                          weight_decay=float(weight_decay), channels=tuple(int(c) for c in channels),
                          layers_per_block=int(layers_per_block), grid_steps=int(grid_steps),
-                         caption_dropout=float(caption_dropout))
+                         caption_dropout=float(caption_dropout), unconditional=bool(unconditional))
     config.check()
+    snapshot_steps = sorted({int(s) for s in snapshot_steps})
+    if snapshot_steps and snapshot_dir is None:
+        raise InputError("snapshot_steps needs a snapshot_dir to save the checkpoints in")
     if threads is not None:
         torch.set_num_threads(int(threads))
-    data = read_training_set(data_dir)
+    data = read_training_set(data_dir, manifest, unconditional=config.unconditional)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -251,7 +291,7 @@ def train(
     alpha_bar = scheduler.alphas_cumprod.float()
 
     torch.manual_seed(config.seed)
-    unet = build_unet(config, len(vocabulary))
+    unet = build_unet(config, None if config.unconditional else len(vocabulary))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     order = _Order(len(data.files), generator)
@@ -293,6 +333,8 @@ def train(
         labels = labels_all[idx].clone()
         drop = torch.rand(len(idx), generator=generator) < config.caption_dropout
         labels[drop] = 0
+        if config.unconditional:
+            labels = None
         t = grid[torch.randint(len(grid), (len(idx),), generator=generator)]
         eps = torch.randn(x0.shape, generator=generator)
         a = alpha_bar[t].view(-1, 1, 1, 1)
@@ -313,6 +355,10 @@ def train(
             losses_since = []
         if progress is not None:
             progress(step, config.steps, value)
+        if step in snapshot_steps:
+            unet.eval()
+            _save_pipeline(unet, vocabulary, config, Path(snapshot_dir) / f"step-{step}")  # type: ignore[arg-type]
+            unet.train()
         if step % checkpoint_every == 0 and step < config.steps:
             checkpoint(step)
 
@@ -323,9 +369,12 @@ def train(
     final_loss = sum(window) / len(window) if window else float("nan")
     _write_json({
         "command": f"python -m core.train --data {Path(data_dir).as_posix()} --out {out_dir.as_posix()} "
-                   f"--steps {config.steps} --seed {config.seed}",
+                   f"--steps {config.steps} --seed {config.seed}"
+                   + (f" --manifest {Path(manifest).as_posix()}" if manifest is not None else "")
+                   + (" --unconditional" if config.unconditional else ""),
         "config": asdict(config),
-        "data": {"dir": Path(data_dir).as_posix(), "fingerprint": data.fingerprint,
+        "data": {"dir": Path(data_dir).as_posix(), "manifest": None if manifest is None else Path(manifest).as_posix(),
+                 "fingerprint": data.fingerprint,
                  "examples": len(data.files), "captions": len(vocabulary) - 1},
         "parameters": parameters,
         "threads": torch.get_num_threads(),
@@ -436,14 +485,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--grid-steps", type=int, default=defaults.grid_steps,
                    help="timesteps are drawn from this DDIM grid (also the pipeline's default sampling steps)")
     p.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout)
+    p.add_argument("--unconditional", action="store_true",
+                   help="no caption conditioning; save a DDIMPipeline (captions.csv optional)")
+    p.add_argument("--manifest", help="CSV (file,caption) of the examples to train on, files relative to --data "
+                                      "(default: --data's captions.csv)")
+    p.add_argument("--snapshot-steps", default="", help="also save the pipeline after these steps (comma-separated) "
+                                                        "to --snapshot-dir/step-<N>")
+    p.add_argument("--snapshot-dir", help="folder for --snapshot-steps")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--fresh", action="store_true", help="ignore an unfinished run in --out and start again")
     a = p.parse_args(argv)
     try:
         channels = tuple(int(c) for c in a.channels.split(","))
+        snapshots = [int(s) for s in a.snapshot_steps.split(",") if s.strip()]
     except ValueError:
-        print(f"error: --channels must be comma-separated integers, got {a.channels!r}", file=sys.stderr)
+        print(f"error: --channels and --snapshot-steps must be comma-separated integers, got {a.channels!r}, "
+              f"{a.snapshot_steps!r}", file=sys.stderr)
         return 1
     started = time.perf_counter()
 
@@ -456,7 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = train(a.data, a.out, steps=a.steps, seed=a.seed, size=a.size, batch_size=a.batch_size, lr=a.lr,
                        channels=channels, layers_per_block=a.layers_per_block, grid_steps=a.grid_steps,
-                       caption_dropout=a.caption_dropout, checkpoint_every=a.checkpoint_every, threads=a.threads,
+                       caption_dropout=a.caption_dropout, unconditional=a.unconditional, manifest=a.manifest,
+                       snapshot_steps=snapshots, snapshot_dir=a.snapshot_dir,
+                       checkpoint_every=a.checkpoint_every, threads=a.threads,
                        resume=not a.fresh, progress=progress)
     except MemauditError as e:
         print(f"error: {e}", file=sys.stderr)

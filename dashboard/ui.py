@@ -39,6 +39,7 @@ def pages() -> list[st.Page]:
         st.Page("app_pages/calibrate.py", title="Calibrate", icon=":material/tune:"),
         st.Page("app_pages/training.py", title="Training data", icon=":material/photo_library:"),
         st.Page("app_pages/inpainting.py", title="Inpainting", icon=":material/format_paint:"),
+        st.Page("app_pages/membership.py", title="Membership", icon=":material/how_to_reg:"),
         st.Page("app_pages/export.py", title="Export", icon=":material/download:"),
     ]
 

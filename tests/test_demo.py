@@ -17,7 +17,7 @@ def _copies_by_caption() -> dict[str, int]:
 
 
 def test_demo_flags_duplicated_images_and_not_novel_ones(tmp_path):
-    result = build_demo(tmp_path / "demo", progress=False)
+    result = build_demo(tmp_path / "demo", progress=False, membership=False)  # membership: tests/test_demo_membership.py
     copies = _copies_by_caption()
     rows = {r.prompt: r for r in audit.prompt_results(Workspace.open(result.workspace), result.run_id)}
     assert set(rows) == set(copies)
@@ -34,7 +34,7 @@ def test_demo_flags_duplicated_images_and_not_novel_ones(tmp_path):
     assert (t["prompts"], t["extracted"]) == (36, 15)
     assert t["auc"] > 0.7 and t["tpr_at_1pct_fpr"] > 0.4, t
     # a rerun reuses everything: no new generations, the same audit run, the same triage run
-    again = build_demo(tmp_path / "demo", progress=False)
+    again = build_demo(tmp_path / "demo", progress=False, membership=False)
     assert again.run_id == result.run_id and again.triage["run_id"] == t["run_id"]
 
 

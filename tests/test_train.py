@@ -175,3 +175,23 @@ def test_a_tiny_model_memorises_eight_real_images(tmp_path):
     assert np.mean(fractions) >= 0.75, fractions
     assert sum(f >= 0.5 for f in fractions) >= 6, fractions
     assert all(r.duplicates == 1 and r.images == 1 for r in results)
+
+
+def test_unconditional_training_from_a_manifest_with_checkpoints_along_the_way(tmp_path):
+    """No captions needed; the manifest picks the examples; snapshots are loadable pipelines."""
+    from diffusers import DDIMPipeline
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, f in enumerate(distinct_demo_images(3)):
+        shutil.copyfile(f, data / f"{i}.png")
+    (tmp_path / "half.csv").write_text("file\n0.png\n2.png\n")
+    assert len(read_training_set(data, unconditional=True).files) == 3  # a folder without captions.csv: every image
+    assert [p.name for p in read_training_set(data, tmp_path / "half.csv", unconditional=True).files] == ["0.png", "2.png"]
+    report = train(data, tmp_path / "m", steps=4, seed=0, unconditional=True, manifest=tmp_path / "half.csv",
+                   snapshot_steps=(2,), snapshot_dir=tmp_path / "ckpt", **TINY)
+    assert report.examples == 2
+    pipe = DDIMPipeline.from_pretrained(tmp_path / "m")
+    assert pipe.unet.config.num_class_embeds is None
+    snap = DDIMPipeline.from_pretrained(tmp_path / "ckpt" / "step-2")
+    assert any((a != b).any() for a, b in zip(snap.unet.parameters(), pipe.unet.parameters()))
