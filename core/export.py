@@ -1,4 +1,5 @@
-"""Export an audit run as JSON (everything, with the workspace's triage and inpainting runs) or CSV (one row per candidate)."""
+"""Export an audit run as JSON (everything, with the workspace's triage, inpainting and membership runs) or CSV
+(one row per candidate)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ CSV_COLUMNS = ("id", "prompt", "group_rank", "clique_size", "clique_exact", "mea
 
 def export_json(ws: Workspace, run_id: int | None = None) -> dict[str, Any]:
     """The audit run (default: the latest) with everything, plus the workspace's other runs
-    (``triage_runs``, ``inpainting_runs``). A workspace holding such runs and no audit run exports
-    those alone (``run_id`` null).
+    (``triage_runs``, ``inpainting_runs``, ``membership_runs``). A workspace holding such runs and no
+    audit run exports those alone (``run_id`` null).
     """
-    from . import audit, inpaint, triage
+    from . import audit, inpaint, membership_runs, triage
 
-    others = {"triage_runs": triage.export(ws), "inpainting_runs": inpaint.export_runs(ws)}
+    others = {"triage_runs": triage.export(ws), "inpainting_runs": inpaint.export_runs(ws),
+              "membership_runs": membership_runs.export_runs(ws)}
     if run_id is None and audit.latest_run(ws) is None and any(others.values()):
         return {"run_id": None, **others}
     return {**_audit_json(ws, run_id), **others}
@@ -32,11 +34,7 @@ def export_json(ws: Workspace, run_id: int | None = None) -> dict[str, Any]:
 
 def _audit_json(ws: Workspace, run_id: int | None) -> dict[str, Any]:
     from . import audit, labels
-    from .membership_runs import export_runs
 
-    membership = export_runs(ws)
-    if run_id is None and membership and audit.latest_run(ws) is None:  # a workspace used for membership inference only
-        return {"run_id": None, "membership_runs": membership}
     run_id = audit._require_run(ws, run_id)
     params = audit.run_params(ws, run_id)
     current = labels.current_labels(ws)
@@ -66,8 +64,7 @@ def _audit_json(ws: Workspace, run_id: int | None) -> dict[str, Any]:
                "reviewer": e.reviewer, "label": e.label, "note": e.note, "created_at": e.created_at, "undoes": e.undoes}
               for e in labels.label_events(ws)]
     return {"run_id": run_id, "parameters": params.to_dict(), "summary": audit.count_summary(ws, run_id),
-            "prompts": prompts, "candidates": out_cands, "label_events": events,
-            "membership_runs": membership}
+            "prompts": prompts, "candidates": out_cands, "label_events": events}
 
 
 def export_csv(ws: Workspace, run_id: int | None = None) -> str:
