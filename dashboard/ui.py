@@ -10,7 +10,7 @@ whose names carry their content hash).
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import streamlit as st
@@ -119,6 +119,51 @@ def run_cache(root: str, run: int) -> audit.RunCache:
 @st.cache_resource(show_spinner=False)
 def jobs() -> JobRegistry:
     return JobRegistry()
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "estimating…"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h {seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m {seconds % 60:02d}s"
+
+
+def job_panel(key: tuple[str, str], *, name: str, unit: str, cancel_help: str, stopping: str,
+              done: Callable[[Any], str], cancelled: Callable[[Any], str]) -> None:
+    """The panel of one background job of the registry: while it runs, progress (done of total ``unit``,
+    time elapsed and left) and a Cancel button, refreshed every second; then its outcome (``done(result)``,
+    ``cancelled(status)`` or the error with its traceback) and a Dismiss button. ``name`` prefixes the
+    widget keys; when the job ends the page reruns, so the page's own form and lists see its result."""
+    registry = jobs()
+    job = registry.get(key)
+
+    @st.fragment(run_every=1.0 if job is not None and job.status().running else None)
+    def panel() -> None:
+        job = registry.get(key)
+        if job is None:
+            return
+        s = job.status()
+        flag = f"{name}_was_running"
+        if s.running:
+            st.session_state[flag] = True
+            st.progress(s.fraction, text=f"{s.done} of {s.total or '?'} {unit} · {duration(s.elapsed)} elapsed · "
+                                         f"about {duration(s.eta)} left" + (f" · {stopping}" if s.state == "stopping" else ""))
+            st.button("Cancel", on_click=job.cancel, disabled=s.state == "stopping", key=f"{name}_cancel", help=cancel_help)
+            return
+        if st.session_state.pop(flag, False):
+            st.rerun()  # the whole page again: its form is enabled and its lists show the new result
+        if s.state == "done":
+            st.success(done(s.result))
+        elif s.state == "cancelled":
+            st.warning(cancelled(s))
+        else:
+            st.error(s.error or f"{name} failed")
+            if s.traceback:
+                with st.expander("Details"):
+                    st.code(s.traceback)
+        st.button("Dismiss", on_click=registry.forget, args=(key,), key=f"{name}_dismiss")
+
+    panel()
 
 
 @st.cache_data(show_spinner=False, max_entries=2000)

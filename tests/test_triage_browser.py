@@ -35,7 +35,9 @@ def test_triage_page_checks_the_score_and_sends_the_top_to_generate(server, page
     settle(page, "Triage")
     assert metric_value(page, "AUC") == f"{v.auc:.3f}"
     assert metric_value(page, "Top N keeping every extracted prompt") == f"{v.keep_all_rank} of {v.prompts}"
-    assert page.locator('[data-testid="stPlotlyChart"]').count() == 2
+    charts = page.locator('[data-testid="stPlotlyChart"]')
+    charts.nth(1).wait_for(timeout=20_000)  # the charts draw after the metrics
+    assert charts.count() == 2
     assert shoot(page, "triage").stat().st_size > 10_000
 
     box = page.get_by_role("spinbutton", name="How many of the highest-scoring prompts")

@@ -37,47 +37,12 @@ elif PROMPTS_TEXT not in st.session_state and triage_runs:
     st.session_state.setdefault("generate_model", latest.model_ref)
 
 
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "estimating…"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h {seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m {seconds % 60:02d}s"
-
-
-job = registry.get(JOB)
-running = job is not None and job.status().running
-
-
-@st.fragment(run_every=1.0 if running else None)
-def job_panel() -> None:
-    job = registry.get(JOB)
-    if job is None:
-        return
-    s = job.status()
-    if s.running:
-        st.session_state["generate_was_running"] = True
-        st.progress(s.fraction, text=f"{s.done} of {s.total or '?'} images · {duration(s.elapsed)} elapsed · "
-                                     f"about {duration(s.eta)} left" + (" · stopping after this batch" if s.state == "stopping" else ""))
-        st.button("Cancel", on_click=job.cancel, disabled=s.state == "stopping", key="generate_cancel",
-                  help="Stops after the batch in flight; everything written so far is kept.")
-        return
-    if st.session_state.pop("generate_was_running", False):
-        st.rerun()  # re-enable the form now that the job has ended
-    r = s.result
-    if s.state == "done":
-        st.success(f"Done: {r.generated} images generated, {r.skipped_existing} already in the workspace, "
-                   f"in {duration(r.seconds)}. Audit them from the Overview page or with `memaudit audit WS`.")
-    elif s.state == "cancelled":
-        st.warning(f"Cancelled after {s.done} of {s.total} images: start again with the same settings to resume.")
-    else:
-        st.error(s.error or "generation failed")
-        if s.traceback:
-            with st.expander("Details"):
-                st.code(s.traceback)
-    st.button("Dismiss", on_click=registry.forget, args=(JOB,), key="generate_dismiss")
-
-
-job_panel()
+ui.job_panel(JOB, name="generate", unit="images", stopping="stopping after this batch",
+             cancel_help="Stops after the batch in flight; everything written so far is kept.",
+             done=lambda r: (f"Done: {r.generated} images generated, {r.skipped_existing} already in the workspace, "
+                             f"in {ui.duration(r.seconds)}. Audit them from the Overview page or with `memaudit audit WS`."),
+             cancelled=lambda s: f"Cancelled after {s.done} of {s.total} images: start again with the same settings to resume.")
+running = (job := registry.get(JOB)) is not None and job.status().running
 
 
 def fill_top(n: int) -> None:

@@ -22,46 +22,12 @@ registry = ui.jobs()
 JOB = (str(ws.root), JOB_NAME)
 
 
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "estimating…"
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m {seconds % 60:02d}s"
-
-
-job = registry.get(JOB)
-running = job is not None and job.status().running
-
-
-@st.fragment(run_every=1.0 if running else None)
-def job_panel() -> None:
-    job = registry.get(JOB)
-    if job is None:
-        return
-    s = job.status()
-    if s.running:
-        st.session_state["inpaint_was_running"] = True
-        st.progress(s.fraction, text=f"{s.done} of {s.total or '?'} images · {duration(s.elapsed)} elapsed · "
-                                     f"about {duration(s.eta)} left" + (" · stopping" if s.state == "stopping" else ""))
-        st.button("Cancel", on_click=job.cancel, disabled=s.state == "stopping", key="inpaint_cancel",
-                  help="Stops before the next batch; a cancelled run keeps nothing.")
-        return
-    if st.session_state.pop("inpaint_was_running", False):
-        st.rerun()  # show the new run and re-enable the form
-    if s.state == "done":
-        st.success(f"Done: inpainting run {s.result.run_id}, {s.result.images} images x {s.result.samples} completions "
-                   f"in {duration(s.result.seconds)}.")
-    elif s.state == "cancelled":
-        st.warning("Cancelled: nothing was stored.")
-    else:
-        st.error(s.error or "inpainting failed")
-        if s.traceback:
-            with st.expander("Details"):
-                st.code(s.traceback)
-    st.button("Dismiss", on_click=registry.forget, args=(JOB,), key="inpaint_dismiss")
-
-
-job_panel()
+ui.job_panel(JOB, name="inpaint", unit="images", stopping="stopping",
+             cancel_help="Stops before the next batch; a cancelled run keeps nothing.",
+             done=lambda r: (f"Done: inpainting run {r.run_id}, {r.images} images x {r.samples} completions "
+                             f"in {ui.duration(r.seconds)}."),
+             cancelled=lambda s: "Cancelled: nothing was stored.")
+running = (job := registry.get(JOB)) is not None and job.status().running
 
 with st.expander("New inpainting run", expanded=not inpaint.list_runs(ws)):
     d = config.SETTINGS

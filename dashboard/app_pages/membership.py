@@ -16,34 +16,9 @@ registry = ui.jobs()
 JOB = (str(ws.root), "membership")
 
 
-@st.fragment(run_every=1.0 if (j := registry.get(JOB)) is not None and j.status().running else None)
-def job_panel() -> None:
-    job = registry.get(JOB)
-    if job is None:
-        return
-    s = job.status()
-    if s.running:
-        st.session_state["membership_was_running"] = True
-        eta = "estimating…" if s.eta is None else f"about {int(s.eta)} s left"
-        st.progress(s.fraction, text=f"{s.done} of {s.total or '?'} images scored · {int(s.elapsed)} s elapsed · {eta}")
-        st.button("Cancel", on_click=job.cancel, disabled=s.state == "stopping", key="membership_cancel",
-                  help="Stops before the next batch; nothing is stored for a cancelled run.")
-        return
-    if st.session_state.pop("membership_was_running", False):
-        st.rerun()  # show the new run
-    if s.state == "done":
-        st.success(f"Membership run {s.result} stored.")
-    elif s.state == "cancelled":
-        st.warning("Cancelled: nothing was stored.")
-    else:
-        st.error(s.error or "the membership run failed")
-        if s.traceback:
-            with st.expander("Details"):
-                st.code(s.traceback)
-    st.button("Dismiss", on_click=registry.forget, args=(JOB,), key="membership_dismiss")
-
-
-job_panel()
+ui.job_panel(JOB, name="membership", unit="images scored", stopping="stopping",
+             cancel_help="Stops before the next batch; nothing is stored for a cancelled run.",
+             done=lambda r: f"Membership run {r} stored.", cancelled=lambda s: "Cancelled: nothing was stored.")
 
 with st.expander("New membership run", expanded=not membership_runs.list_runs(ws)):
     d = config.SETTINGS
