@@ -41,7 +41,7 @@ import math
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -345,13 +345,3 @@ def _search_block(queries: np.ndarray, qs: np.ndarray, coarse: np.ndarray, qf: n
         unseen = edge[i] if staged[i] < n else np.inf  # the next stage's images have coarse bounds beyond the edge
         certified[q] = min(pending, unseen) >= ub[i]
         lower[q] = min(float(ub[i]), pending, unseen)
-
-
-def measured_fraction(result: Nearest, training: int) -> float:
-    """Exact distances computed as a fraction of brute force (every generation against every image)."""
-    return float(result.exact_count.sum()) / max(1, len(result.exact_count) * training)
-
-
-def describe(certified: Sequence[bool]) -> str:
-    c = np.asarray(certified, bool)
-    return f"{int(c.sum())} of {len(c)} certified"

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from core import inpaint
-from core.cli import main
 from core.errors import ImageError, InputError, ModelError
 from core.store import Workspace
 from test_bad_input import assert_one_line_error, run, snapshot
