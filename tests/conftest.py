@@ -17,6 +17,18 @@ def _few_threads() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, restored after it (modules that train or sample take it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_unconditional(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny DDIMPipeline (16 x 16 RGB, unconditional)."""

@@ -19,12 +19,7 @@ from core.store import Workspace
 from test_bad_input import assert_one_line_error, run, snapshot
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_images(folder: Path, n: int, size: int = 16, seed: int = 0, mode: str = "RGB") -> Path:

@@ -16,12 +16,7 @@ from core.pipelines import CaptionConditionedPipeline, build_vocabulary, make_sc
 from core.train import TrainConfig, build_unet
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_pipeline(captions: list[str], size: int = 8, seed: int = 0) -> CaptionConditionedPipeline:

@@ -19,12 +19,7 @@ from core.pipelines import CaptionConditionedPipeline
 from core.train import STATE_FILE, main, measure_copies, read_training_set, train
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def distinct_demo_images(n: int) -> list[Path]:

@@ -20,12 +20,7 @@ from core.store import Workspace
 from test_bad_input import assert_one_line_error, run, shown, snapshot
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rms(v: torch.Tensor) -> torch.Tensor:
