@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import cli, print_table, write_json
+from benchmarks.workspaces import demo_model_dir
 
 STEPS = 20
 COLUMNS = ["batch", "variant", "median_s", "images_per_s", "ratio_to_plain", "cpu_s", "cpu_ratio_to_plain"]
@@ -54,29 +55,6 @@ GPU_VARIANT = [
 ]
 
 
-def _model_dir(tmp: Path) -> tuple[Path, str]:
-    """The trained demo model if it loads, else a random-weight model of the same architecture."""
-    from core.demo_data import DEMO_MODEL_DIR, DEMO_PROMPTS
-    from core.pipelines import CaptionConditionedPipeline, build_vocabulary, make_scheduler
-    from core.train import TrainConfig, build_unet
-
-    try:
-        CaptionConditionedPipeline.from_pretrained(DEMO_MODEL_DIR)
-        return DEMO_MODEL_DIR, "trained demo model (assets/demo/model)"
-    except Exception:  # absent or being rewritten: same architecture, random weights
-        pass
-    import torch
-
-    torch.manual_seed(0)
-    captions = DEMO_PROMPTS.read_text(encoding="utf-8").splitlines()
-    vocabulary = build_vocabulary(captions)
-    unet = build_unet(TrainConfig(steps=1), len(vocabulary))
-    pipe = CaptionConditionedPipeline(unet=unet, scheduler=make_scheduler(), vocabulary=vocabulary, default_steps=STEPS)
-    out = tmp / "model"
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out, "demo architecture, random weights (the trained demo model did not load)"
-
-
 def main(smoke: bool = False) -> dict:
     import torch
 
@@ -89,7 +67,7 @@ def main(smoke: bool = False) -> dict:
     rounds = 1 if smoke else 2
     tmp = Path(tempfile.mkdtemp(prefix="memaudit-bench-generate-"))
     try:
-        model, model_note = _model_dir(tmp)
+        model, model_note = demo_model_dir(tmp, STEPS)
         plain = CaptionConditionedPipeline.from_pretrained(model)
         plain.set_progress_bar_config(disable=True)
         caption = plain.captions[0]

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import cli, print_table, write_json
+from benchmarks.workspaces import demo_model_dir
 
 STEPS = 20
 SAMPLES = 8
@@ -49,26 +50,6 @@ GPU_VARIANT = [
     "a diffusers inpainting pipeline (Stable Diffusion inpainting at 512 x 512, 50 steps) against its own "
     "text-to-image sampling, per completion",
 ]
-
-
-def _model_dir(tmp: Path) -> tuple[Path, str]:
-    from core.demo_data import DEMO_MODEL_DIR, DEMO_PROMPTS
-    from core.pipelines import CaptionConditionedPipeline, build_vocabulary, make_scheduler
-    from core.train import TrainConfig, build_unet
-
-    try:
-        CaptionConditionedPipeline.from_pretrained(DEMO_MODEL_DIR)
-        return DEMO_MODEL_DIR, "trained demo model (assets/demo/model)"
-    except Exception:  # absent or being rewritten: same architecture, random weights
-        pass
-    import torch
-
-    torch.manual_seed(0)
-    vocabulary = build_vocabulary(DEMO_PROMPTS.read_text(encoding="utf-8").splitlines())
-    pipe = CaptionConditionedPipeline(unet=build_unet(TrainConfig(steps=1), len(vocabulary)), scheduler=make_scheduler(),
-                                      vocabulary=vocabulary, default_steps=STEPS)
-    pipe.save_pretrained(tmp / "model", safe_serialization=True)
-    return tmp / "model", "demo architecture, random weights (the trained demo model did not load)"
 
 
 def main(smoke: bool = False) -> dict:
@@ -87,7 +68,7 @@ def main(smoke: bool = False) -> dict:
     rounds = 1 if smoke else 2
     tmp = Path(tempfile.mkdtemp(prefix="memaudit-bench-inpaint-"))
     try:
-        model, note = _model_dir(tmp)
+        model, note = demo_model_dir(tmp, STEPS)
         pipe = CaptionConditionedPipeline.from_pretrained(model)
         pipe.set_progress_bar_config(disable=True)
         size = pipe.sample_size

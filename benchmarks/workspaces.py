@@ -216,3 +216,26 @@ def stage_rows(a: AuditedWorkspace) -> list[dict]:
     rows.append({"stage": "total (wall)", "seconds": a.audit_seconds, "share": 1.0,
                  "ms_per_prompt": 1000 * a.audit_seconds / a.built.prompts})
     return rows
+
+
+def demo_model_dir(tmp: Path, default_steps: int) -> tuple[Path, str]:
+    """The trained demo model if it loads, else a random-weight model of the same architecture saved
+    under ``tmp`` (sampling ``default_steps`` by default); with a note saying which."""
+    from core.demo_data import DEMO_MODEL_DIR, DEMO_PROMPTS
+    from core.pipelines import CaptionConditionedPipeline, build_vocabulary, make_scheduler
+    from core.train import TrainConfig, build_unet
+
+    try:
+        CaptionConditionedPipeline.from_pretrained(DEMO_MODEL_DIR)
+        return DEMO_MODEL_DIR, "trained demo model (assets/demo/model)"
+    except Exception:  # absent or being rewritten: same architecture, random weights
+        pass
+    import torch
+
+    torch.manual_seed(0)
+    vocabulary = build_vocabulary(DEMO_PROMPTS.read_text(encoding="utf-8").splitlines())
+    pipe = CaptionConditionedPipeline(unet=build_unet(TrainConfig(steps=1), len(vocabulary)), scheduler=make_scheduler(),
+                                      vocabulary=vocabulary, default_steps=default_steps)
+    out = Path(tmp) / "model"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out, "demo architecture, random weights (the trained demo model did not load)"
