@@ -42,7 +42,8 @@ from benchmarks.workspaces import bench_workspace, du_mb, stage_rows
 
 
 def curve_rows(ws, run_id: int, planted: dict[int, int]) -> list[dict]:
-    from core.audit import TAU_GRID, RunCache, tau_curve
+    from core.curves import TAU_GRID, tau_curve
+    from core.rethreshold import RunCache
     from core.cliques import largest_clique_curve
 
     cache = RunCache(ws, run_id)
@@ -77,7 +78,8 @@ VARIANTS = (("grids 1,2,4,8, workers auto", None, None), ("grids 1,2,4,8, inline
 def variant_rows(ws, a) -> tuple[list[dict], list[str]]:
     """The stages of run_audit for each of VARIANTS (grid_choices, audit_workers) on the same workspace;
     the first variant is the default, already measured by ``audited_workspace``."""
-    from core.audit import curve_workers, params_from, run_audit
+    from core.audit import params_from, run_audit
+    from core.curves import curve_workers
     from benchmarks.workspaces import STAGES
 
     measured = {VARIANTS[0][0]: (a.timings, a.audit_seconds)}
@@ -99,7 +101,7 @@ def variant_rows(ws, a) -> tuple[list[dict], list[str]]:
 def main(smoke: bool = False, prompts: int | None = None, per_prompt: int | None = None) -> dict:
     import torch
 
-    from core.audit import count_summary
+    from core.results import count_summary
 
     a, ws = bench_workspace(smoke, prompts, per_prompt)
     prompts, per_prompt = a.built.prompts, a.built.per_prompt

@@ -39,7 +39,7 @@ import numpy as np
 
 from benchmarks.common import cli, print_table, timeit, write_json
 from core import config
-from core.audit import TAU_GRID
+from core.curves import TAU_GRID
 from core.cliques import CliqueBudgetExceeded, clique_curve, clique_groups, largest_clique_curve, maximum_clique
 
 TAU = 0.1

@@ -9,7 +9,7 @@ printed too). Then, as the dashboard does it (dashboard/pages/cliques.py):
 * recount: ``RunCache.recount(tau, k, delta, grid)`` for a slider move to each of the 61 taus of
   the tau grid at each cached tile grid (1, 2, 4, 8; k and delta at their defaults), and for k
   and delta moves at tau 0.1;
-* groups: ``core.audit.prompt_groups`` for one prompt at a tau and tile grid, with the loaded
+* groups: ``core.rethreshold.prompt_groups`` for one prompt at a tau and tile grid, with the loaded
   RunCache (what the page computes for the prompt it shows after a move): the largest planted
   prompt and a novel prompt at tau 0.1, 0.2 and 0.3 on every cached grid, each best of 3.
 
@@ -33,7 +33,7 @@ TARGET_S = 0.5
 
 def main(smoke: bool = False, prompts: int | None = None, per_prompt: int | None = None) -> dict:
     from core import config
-    from core.audit import RunCache, prompt_groups
+    from core.rethreshold import RunCache, prompt_groups
 
     a, ws = bench_workspace(smoke, prompts, per_prompt)
     prompts, per_prompt = a.built.prompts, a.built.per_prompt

@@ -854,7 +854,8 @@ def step_audit(check: Check, rec: dict) -> None:
     import numpy as np
 
     from benchmarks.workspaces import build_workspace
-    from core.audit import RunCache, audit_device, run_audit
+    from core.audit import audit_device, run_audit
+    from core.rethreshold import RunCache
     from core.store import Workspace
 
     s = check.sizes

@@ -148,7 +148,7 @@ def cmd_triage(args: argparse.Namespace) -> None:
 
 
 def cmd_triage_runs(args: argparse.Namespace) -> None:
-    from .audit import latest_run
+    from .runs import latest_run
     from .triage import list_runs, validate
 
     ws = _ws(args.workspace)
@@ -189,7 +189,8 @@ AUDIT_SETTINGS = ("edge_threshold", "min_clique", "group_min_size", "max_groups"
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
-    from .audit import count_summary, params_from, run_audit
+    from .audit import params_from, run_audit
+    from .results import count_summary
 
     ws = _ws(args.workspace)
     params = params_from(ws, **{name: getattr(args, name) for name in AUDIT_SETTINGS})
@@ -282,7 +283,8 @@ def cmd_duplicates(args: argparse.Namespace) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from .audit import count_summary, list_runs
+    from .results import count_summary
+    from .runs import list_runs
 
     ws = _ws(args.workspace)
     runs = [{"id": r.id, "created_at": r.created_at, "parameters": r.params.to_dict(), **count_summary(ws, r.id)} for r in list_runs(ws)]

@@ -75,7 +75,7 @@ class DemoResult:
 
 def build_demo(root: str | Path, *, progress: bool = True, per_prompt: int = DEMO_PER_PROMPT, steps: int = DEMO_STEPS,
                device: str = "cpu", membership: bool = True) -> DemoResult:
-    from . import audit, triage
+    from . import audit, results, runs, triage
     from .demo_data import DEMO_DATA_DIR, DEMO_MODEL_DIR, DEMO_PROMPTS
     from .generate import generate, read_prompts
     from .training import add_training
@@ -95,8 +95,8 @@ def build_demo(root: str | Path, *, progress: bool = True, per_prompt: int = DEM
 
     t = time.perf_counter()
     params = audit.params_from(ws, **DEMO_AUDIT)
-    run_id = audit.latest_run(ws)
-    if run_id is None or report.generated > 0 or not _same_params(audit.run_params(ws, run_id), params):
+    run_id = runs.latest_run(ws)
+    if run_id is None or report.generated > 0 or not _same_params(runs.run_params(ws, run_id), params):
         run_id = audit.run_audit(ws, params)
     seconds["audit"] = time.perf_counter() - t
 
@@ -109,7 +109,7 @@ def build_demo(root: str | Path, *, progress: bool = True, per_prompt: int = DEM
                      "extracted": check.positives, "auc": check.auc, "tpr_at_1pct_fpr": check.tpr_at_1pct_fpr,
                      "keep_all_threshold": check.keep_all_threshold, "keep_all_rank": check.keep_all_rank,
                      "summary": check.summary()}
-    result = DemoResult(ws.root, run_id, seconds, audit.count_summary(ws, run_id), audit.caption_duplicate_table(ws, run_id),
+    result = DemoResult(ws.root, run_id, seconds, results.count_summary(ws, run_id), results.caption_duplicate_table(ws, run_id),
                         triage_result)
 
     if membership:  # the digits model: loss attack, LiRA, the trend along training (core.demo_digits)

@@ -23,26 +23,26 @@ def export_json(ws: Workspace, run_id: int | None = None) -> dict[str, Any]:
     (``triage_runs``, ``inpainting_runs``, ``membership_runs``). A workspace holding such runs and no
     audit run exports those alone (``run_id`` null).
     """
-    from . import audit, inpaint, membership_runs, triage
+    from . import inpaint, membership_runs, runs, triage
 
     others = {"triage_runs": triage.export(ws), "inpainting_runs": inpaint.export_runs(ws),
               "membership_runs": membership_runs.export_runs(ws)}
-    if run_id is None and audit.latest_run(ws) is None and any(others.values()):
+    if run_id is None and runs.latest_run(ws) is None and any(others.values()):
         return {"run_id": None, **others}
     return {**_audit_json(ws, run_id), **others}
 
 
 def _audit_json(ws: Workspace, run_id: int | None) -> dict[str, Any]:
-    from . import audit, labels
+    from . import labels, results, runs
 
-    run_id = audit._require_run(ws, run_id)
-    params = audit.run_params(ws, run_id)
+    run_id = runs.require_run(ws, run_id)
+    params = runs.run_params(ws, run_id)
     current = labels.current_labels(ws)
-    cands = audit.candidates(ws, run_id, with_members=True)
-    train = audit.get_training(ws, sorted({c.nearest_training_id for c in cands if c.nearest_training_id is not None}))
+    cands = results.candidates(ws, run_id, with_members=True)
+    train = results.get_training(ws, sorted({c.nearest_training_id for c in cands if c.nearest_training_id is not None}))
     prompts = [{"prompt": p.prompt, "prompt_id": p.prompt_id, "generations": p.generations, "largest_clique": p.largest_clique,
                 "clique_exact": p.clique_exact, "flagged": p.flagged, "extracted": p.extracted, "mean_distance": p.mean_distance}
-               for p in audit.prompt_results(ws, run_id)]
+               for p in results.prompt_results(ws, run_id)]
     out_cands = []
     for c in cands:
         t = train.get(c.nearest_training_id) if c.nearest_training_id is not None else None
@@ -63,14 +63,14 @@ def _audit_json(ws: Workspace, run_id: int | None) -> dict[str, Any]:
     events = [{"id": e.id, "candidate_id": e.candidate_id, "generation_id": e.generation_id, "training_id": e.training_id,
                "reviewer": e.reviewer, "label": e.label, "note": e.note, "created_at": e.created_at, "undoes": e.undoes}
               for e in labels.label_events(ws)]
-    return {"run_id": run_id, "parameters": params.to_dict(), "summary": audit.count_summary(ws, run_id),
+    return {"run_id": run_id, "parameters": params.to_dict(), "summary": results.count_summary(ws, run_id),
             "prompts": prompts, "candidates": out_cands, "label_events": events}
 
 
 def export_csv(ws: Workspace, run_id: int | None = None) -> str:
-    from . import audit
+    from . import runs
 
-    data = export_json(ws, audit._require_run(ws, run_id))
+    data = export_json(ws, runs.require_run(ws, run_id))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

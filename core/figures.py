@@ -1,6 +1,6 @@
 """Plotly figure builders for the paper's figures, shared by the dashboard and the HTML report.
 
-Every builder takes plain data (lists, arrays, records from core.views / core.calibrate) and
+Every builder takes plain data (lists, arrays, records from core.results / core.calibrate) and
 returns a ``plotly.graph_objects.Figure``; none touches the workspace. plotly is imported
 inside each builder so that ``import core`` stays cheap.
 """

@@ -107,7 +107,7 @@ def candidate_labels(ws: Workspace, candidate: Candidate, labels: dict[Pair, dic
 
 def review_queue(ws: Workspace, run_id: int | None, reviewer: str, *, unlabeled_only: bool = True) -> list[Candidate]:
     """Candidates in review order (most suspicious first), without those ``reviewer`` has labelled when asked."""
-    from .audit import candidates
+    from .results import candidates
 
     cands = candidates(ws, run_id)
     if not unlabeled_only:

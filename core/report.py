@@ -56,19 +56,19 @@ def build_report(ws: Workspace, run_id: int | None = None, *, top: int = 40, thu
 
     Raises InputError when the workspace has no finished audit run.
     """
-    from . import audit, figures, labels, views
+    from . import figures, labels, results, runs, views
     from .calibrate import calibrate_metrics, precision_at_rank
 
-    run_id = audit._require_run(ws, run_id)
-    params = audit.run_params(ws, run_id)
-    ov = views.overview(ws, run_id)
-    rates = views.extraction_by_duplicates(ws, run_id)
-    scores = views.candidate_scores(ws, run_id)
+    run_id = runs.require_run(ws, run_id)
+    params = runs.run_params(ws, run_id)
+    ov = results.overview(ws, run_id)
+    rates = results.extraction_by_duplicates(ws, run_id)
+    scores = results.candidate_scores(ws, run_id)
     calibrations = calibrate_metrics({m: scores.metrics[m] for m in ("l2", "tiled_l2", "relative_l2", "similarity")},
                                      scores.truth)
     figs: list[tuple[str, "go.Figure"]] = [
         ("Figure 5", figures.extraction_rate_by_duplicates(rates.bins, delta=params.delta)),
-        ("Cliques", figures.clique_size_distribution(views.largest_clique_sizes(ws, run_id), min_clique=params.min_clique)),
+        ("Cliques", figures.clique_size_distribution(results.largest_clique_sizes(ws, run_id), min_clique=params.min_clique)),
     ]
     lab = scores.labelled()
     if lab.any():
@@ -119,7 +119,7 @@ def build_report(ws: Workspace, run_id: int | None = None, *, top: int = 40, thu
     parts.append("</div>")
     parts.append(f"<p class='muted'>Figure 5 counts {html.escape(rates.basis)}.</p>")
 
-    cands = audit.candidates(ws, run_id)[:top]
+    cands = results.candidates(ws, run_id)[:top]
     current = labels.current_labels(ws)
     parts.append(f"<h2>Top {len(cands)} candidates</h2><table><tr><th>#</th><th>medoid · nearest training image</th>"
                  "<th>prompt</th><th class='num'>clique</th><th class='num'>mean dist.</th><th class='num'>l2</th>"

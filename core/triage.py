@@ -504,11 +504,11 @@ def export(ws: Workspace) -> list[dict[str, Any]]:
 
 def ranking_table(ws: Workspace, run_id: int | None = None, audit_run: int | None = None) -> list[dict[str, Any]]:
     """The run's ranked prompts with the audit run's verdict on each ('' where it has none), for display."""
-    from . import audit
+    from . import results
 
     verdicts: dict[int, str] = {}
     if audit_run is not None:
-        for r in audit.prompt_results(ws, audit_run):
+        for r in results.prompt_results(ws, audit_run):
             verdicts[r.prompt_id] = "extracted" if r.extracted else "flagged" if r.flagged else "not flagged"
     return [{"rank": r.rank, "prompt": r.prompt, "score": r.score, "audit": verdicts.get(r.prompt_id, ""), "note": r.note}
             for r in ranked(ws, run_id)]
@@ -555,17 +555,17 @@ def validate(ws: Workspace, triage_run: int | None = None, audit_run: int | None
              verdict: str = "extracted") -> TriageValidation:
     """The triage score against the audit's verdict per prompt: ROC, AUC, TPR at 1% FPR, and the
     lowest threshold that keeps every memorised prompt (how far down the ranking to generate)."""
-    from . import audit
+    from . import results, runs
     from .calibrate import calibrate
 
     if verdict not in VERDICTS:
         raise InputError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
     run = get_run(ws, triage_run)
-    audit_id = audit_run if audit_run is not None else audit.latest_run(ws)
+    audit_id = audit_run if audit_run is not None else runs.latest_run(ws)
     if audit_id is None:
         raise InputError(f"{ws.root} has no audit run yet to check triage against; generate from the top prompts and audit them first")
-    audit.run_params(ws, int(audit_id))  # an unknown run fails here, naming it
-    results = {r.prompt_id: (r.extracted if verdict == "extracted" else r.flagged) for r in audit.prompt_results(ws, audit_id)}
+    runs.run_params(ws, int(audit_id))  # an unknown run fails here, naming it
+    results = {r.prompt_id: (r.extracted if verdict == "extracted" else r.flagged) for r in results.prompt_results(ws, audit_id)}
     rows = ranked(ws, run.id)
     both = [r for r in rows if r.prompt_id in results]
     scores = np.array([r.score for r in both], dtype=np.float64)

@@ -15,7 +15,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import streamlit as st
 
-from core import audit, views
+from core import rethreshold, views
+from core import runs as audit_runs
 from core.errors import MemauditError
 from core.images import to_uint8
 from core.store import Workspace
@@ -80,8 +81,8 @@ def workspace() -> Workspace:
     raise AssertionError("unreachable")
 
 
-def runs(ws: Workspace) -> list[audit.RunInfo]:
-    return audit.list_runs(ws)
+def runs(ws: Workspace) -> list[audit_runs.RunInfo]:
+    return audit_runs.list_runs(ws)
 
 
 def run_id(ws: Workspace) -> int:
@@ -111,9 +112,9 @@ def run_selector(ws: Workspace) -> None:
 
 # ---------------------------------------------------------------------------- cached reads
 @st.cache_resource(show_spinner=False, max_entries=4)
-def run_cache(root: str, run: int) -> audit.RunCache:
+def run_cache(root: str, run: int) -> rethreshold.RunCache:
     """The run's cached distance matrices and neighbours (read-only numpy arrays: safe to share)."""
-    return audit.RunCache(Workspace(root), run)
+    return rethreshold.RunCache(Workspace(root), run)
 
 
 @st.cache_resource(show_spinner=False)

@@ -76,7 +76,7 @@ def audited_workspace(root: Path, snapshot: Path | None = None):
 def labelled_workspace(tmp_path_factory: pytest.TempPathFactory):
     """The shared labelled workspace, read-only: tests that write use ``labelled_copy``."""
     if "ws" not in _BUILT:
-        from core import audit, labels
+        from core import labels, results
         from core.store import Workspace
 
         ingested = tmp_path_factory.mktemp("ingested") / "ws"
@@ -85,7 +85,7 @@ def labelled_workspace(tmp_path_factory: pytest.TempPathFactory):
         copy = tmp_path_factory.mktemp("unlabelled") / "ws"
         shutil.copytree(ws.root, copy)  # no connection is open: audit.db and its WAL are consistent
         _BUILT["unlabelled"] = (Workspace.open(copy), run_id)
-        cands = audit.candidates(ws, run_id)
+        cands = results.candidates(ws, run_id)
         for i, c in enumerate(cands):
             truth = truth_of(c)
             labels.add_label(ws, c.id, truth, "alice")

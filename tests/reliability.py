@@ -209,7 +209,7 @@ def label_worker(ws_root: str, reviewer: str, n: int, seed: int, log_path: str) 
     import random
 
     from core import labels
-    from core.audit import candidates
+    from core.results import candidates
     from core.store import Workspace
 
     ws = Workspace.open(ws_root)

@@ -1,10 +1,12 @@
 """The audit on planted data: exactly the planted prompts are flagged and extracted."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from core import audit, labels
+from core import audit, curves, labels, results, rethreshold, runs
 from core.errors import InputError, MemauditError
 from workspaces import FLAGGED, NOT_FLAGGED, planted_workspace
 
@@ -16,7 +18,7 @@ def planted(tmp_path_factory):
 
 def test_exactly_the_planted_prompts_are_flagged_and_extracted(planted):
     ws, run_id = planted
-    rows = {r.prompt: r for r in audit.prompt_results(ws, run_id)}
+    rows = {r.prompt: r for r in results.prompt_results(ws, run_id)}
     assert set(rows) == set(FLAGGED) | set(NOT_FLAGGED)
     assert {p for p, r in rows.items() if r.flagged} == set(FLAGGED)
     assert {p for p, r in rows.items() if r.extracted and r.flagged} == set(FLAGGED)
@@ -27,10 +29,10 @@ def test_exactly_the_planted_prompts_are_flagged_and_extracted(planted):
 
 def test_flagged_candidates_point_at_the_copied_training_image(planted):
     ws, run_id = planted
-    flagged = audit.candidates(ws, run_id, flagged_only=True)
+    flagged = results.candidates(ws, run_id, flagged_only=True)
     found = {}
     for c in flagged:
-        name = c.nearest_training_path and audit.get_training(ws, [c.nearest_training_id])[c.nearest_training_id].caption
+        name = c.nearest_training_path and results.get_training(ws, [c.nearest_training_id])[c.nearest_training_id].caption
         found.setdefault(c.prompt, set()).add(name.replace("a photo of ", ""))
         assert c.extracted and c.l2 < 0.05 and c.tiled_l2 >= c.l2
     assert found == {p: set(v) for p, v in FLAGGED.items()}
@@ -41,7 +43,7 @@ def test_flagged_candidates_point_at_the_copied_training_image(planted):
 
 def test_candidates_are_ranked_flagged_first_by_mean_distance(planted):
     ws, run_id = planted
-    cands = audit.candidates(ws, run_id)
+    cands = results.candidates(ws, run_id)
     flags = [c.flagged for c in cands]
     assert flags == sorted(flags, reverse=True)
     means = [c.mean_distance for c in cands if c.flagged]
@@ -50,16 +52,16 @@ def test_candidates_are_ranked_flagged_first_by_mean_distance(planted):
 
 def test_neighbours_are_sorted_by_exact_distance(planted):
     ws, run_id = planted
-    c = audit.candidates(ws, run_id, flagged_only=True)[0]
-    nbrs = audit.neighbours(ws, c.id)
-    assert len(nbrs) == min(audit.run_params(ws, run_id).neighbours, 8)
+    c = results.candidates(ws, run_id, flagged_only=True)[0]
+    nbrs = results.neighbours(ws, c.id)
+    assert len(nbrs) == min(runs.run_params(ws, run_id).neighbours, 8)
     l2s = [n.l2 for n in nbrs]
     assert l2s == sorted(l2s) and nbrs[0].training.id == c.nearest_training_id
 
 
 def test_recount_from_cache_matches_a_fresh_run(planted, tmp_path):
     ws, run_id = planted
-    cache = audit.RunCache(ws, run_id)
+    cache = rethreshold.RunCache(ws, run_id)
     base = cache.recount(0.1, 10, 0.15)
     assert base.flagged == 3 and base.extracted == 3
     # a lower k flags the six-copy prompt too
@@ -69,32 +71,32 @@ def test_recount_from_cache_matches_a_fresh_run(planted, tmp_path):
     assert cache.recount(0.1, 10, 0.001).extracted == 0
     # the same thresholds through a full audit run agree with the cached recount
     fresh = audit.run_audit(ws, audit.params_from(ws, min_clique=6))
-    assert {r.prompt for r in audit.prompt_results(ws, fresh) if r.flagged} == set(FLAGGED) | {"six copies"}
+    assert {r.prompt for r in results.prompt_results(ws, fresh) if r.flagged} == set(FLAGGED) | {"six copies"}
 
 
 def test_prompt_groups_at_any_tau(planted):
     ws, run_id = planted
-    pid = next(r.prompt_id for r in audit.prompt_results(ws, run_id) if r.prompt == "two copies")
-    groups = audit.prompt_groups(ws, run_id, pid, tau=0.1, min_size=3, max_groups=5)
+    pid = next(r.prompt_id for r in results.prompt_results(ws, run_id) if r.prompt == "two copies")
+    groups = rethreshold.prompt_groups(ws, run_id, pid, tau=0.1, min_size=3, max_groups=5)
     assert [g.size for g in groups] == [10, 10]
     assert all(g.medoid in g.members for g in groups)
     assert groups[0].neighbours[0].l2 < 0.05
-    assert audit.prompt_groups(ws, run_id, pid, tau=0.01, min_size=3, max_groups=5) == []
+    assert rethreshold.prompt_groups(ws, run_id, pid, tau=0.01, min_size=3, max_groups=5) == []
 
 
 def test_every_cached_grid_recounts_like_a_run_at_that_grid(planted):
     """The grid slider: a run caches grids 1, 2, 4, 8; recounting at any of them gives what a
     fresh audit at that grid gives, prompt by prompt, and the same clique groups."""
     ws, run_id = planted
-    cache = audit.RunCache(ws, run_id)
-    size = audit.run_params(ws, run_id).working_size
+    cache = rethreshold.RunCache(ws, run_id)
+    size = runs.run_params(ws, run_id).working_size
     assert cache.grid == 4 and cache.grids == [g for g in (1, 2, 4, 8) if size % g == 0] == [1, 2, 4, 8]
     # plain L2 (grid 1) links the flat-texture trap that tiled L2 keeps apart: PAPER.md's reason for tiles
     assert {r.prompt for r in cache.recount(0.1, 10, 0.15, grid=1).prompts if r.flagged} == set(FLAGGED) | {"flat trap"}
     assert {r.prompt for r in cache.recount(0.1, 10, 0.15).prompts if r.flagged} == set(FLAGGED)
-    two = next(r.prompt_id for r in audit.prompt_results(ws, run_id) if r.prompt == "two copies")
+    two = next(r.prompt_id for r in results.prompt_results(ws, run_id) if r.prompt == "two copies")
     for g in cache.grids:
-        fresh = audit.RunCache(ws, audit.run_audit(ws, audit.params_from(ws, grid=g, grid_choices="")))
+        fresh = rethreshold.RunCache(ws, audit.run_audit(ws, audit.params_from(ws, grid=g, grid_choices="")))
         assert fresh.grids == [g]
         for tau, k, delta in ((0.1, 10, 0.15), (0.05, 6, 0.15), (0.2, 3, 0.05)):
             mine, theirs = cache.recount(tau, k, delta, grid=g), fresh.recount(tau, k, delta)
@@ -103,8 +105,8 @@ def test_every_cached_grid_recounts_like_a_run_at_that_grid(planted):
                    [(r.prompt, r.largest_clique, r.flagged, r.extracted) for r in theirs.prompts]
         for pid in cache.prompt_ids:
             np.testing.assert_allclose(cache.distances(int(pid), g), fresh.distances(int(pid)), atol=1e-5, rtol=0)
-        ours = audit.prompt_groups(ws, run_id, two, tau=0.1, min_size=3, max_groups=5, grid=g, cache=cache)
-        again = audit.prompt_groups(ws, fresh.run_id, two, tau=0.1, min_size=3, max_groups=5, cache=fresh)
+        ours = rethreshold.prompt_groups(ws, run_id, two, tau=0.1, min_size=3, max_groups=5, grid=g, cache=cache)
+        again = rethreshold.prompt_groups(ws, fresh.run_id, two, tau=0.1, min_size=3, max_groups=5, cache=fresh)
         assert [sorted(m.id for m in x.members) for x in ours] == [sorted(m.id for m in x.members) for x in again]
         for x, y in zip(ours, again):
             assert [n.training.id for n in x.neighbours] == [n.training.id for n in y.neighbours]
@@ -115,7 +117,7 @@ def test_every_cached_grid_recounts_like_a_run_at_that_grid(planted):
 def test_an_uncached_grid_says_how_to_get_it(planted):
     ws, _ = planted
     run = audit.run_audit(ws, audit.params_from(ws, grid_choices=""))
-    cache = audit.RunCache(ws, run)
+    cache = rethreshold.RunCache(ws, run)
     assert cache.grids == [4]
     assert not list(cache.dir.glob("*-g*.npy"))  # nothing cached beyond the run's grid
     with pytest.raises(InputError, match=r"cached tile grids 4, not 2; audit again with --grid-choices including 2"):
@@ -134,7 +136,7 @@ def test_runs_cached_before_the_grid_slider_still_load(planted):
     np.savez(d / "curves.npz", **{k: (v[g] if k in ("size", "medoid", "mean") else v) for k, v in c.items()})
     for f in d.glob("*-g*.npy"):
         f.unlink()
-    old, new = audit.RunCache(ws, run), audit.RunCache(ws, run_id)
+    old, new = rethreshold.RunCache(ws, run), rethreshold.RunCache(ws, run_id)
     assert old.grids == [4]
     assert old.recount(0.1, 10, 0.15).prompts == new.recount(0.1, 10, 0.15).prompts
 
@@ -145,7 +147,7 @@ def test_curve_workers_give_exactly_the_inline_curves(planted):
     caches = []
     for workers in (0, 2):
         ws.set_setting("audit_workers", workers)
-        caches.append(audit.RunCache(ws, audit.run_audit(ws)))
+        caches.append(rethreshold.RunCache(ws, audit.run_audit(ws)))
     ws.set_setting("audit_workers", -1)
     inline, pooled = caches
     for name in ("size", "medoid", "mean"):
@@ -157,13 +159,13 @@ def test_curve_workers_are_chosen_by_setting_cores_and_work(monkeypatch):
     import os
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert audit.curve_workers(-1, 400, 500) == 8           # automatic: one per core, at most 8
-    assert audit.curve_workers(-1, 400, 12) == 0            # tiny prompts: curves take milliseconds
-    assert audit.curve_workers(-1, 12, 500) == 3            # no more workers than 4 curves each
-    assert audit.curve_workers(3, 400, 12) == 3             # an explicit number is used as given
-    assert audit.curve_workers(0, 400, 500) == 0
+    assert curves.curve_workers(-1, 400, 500) == 8           # automatic: one per core, at most 8
+    assert curves.curve_workers(-1, 400, 12) == 0            # tiny prompts: curves take milliseconds
+    assert curves.curve_workers(-1, 12, 500) == 3            # no more workers than 4 curves each
+    assert curves.curve_workers(3, 400, 12) == 3             # an explicit number is used as given
+    assert curves.curve_workers(0, 400, 500) == 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert audit.curve_workers(-1, 400, 500) == 0           # one core: nothing to overlap with
+    assert curves.curve_workers(-1, 400, 500) == 0           # one core: nothing to overlap with
 
 
 def test_a_curve_worker_that_dies_fails_the_audit_in_one_line_and_leaves_no_run(planted, monkeypatch):
@@ -171,13 +173,13 @@ def test_a_curve_worker_that_dies_fails_the_audit_in_one_line_and_leaves_no_run(
     import sys
 
     ws, _ = planted
-    runs = [r.id for r in audit.list_runs(ws)]
+    before = [r.id for r in runs.list_runs(ws)]
 
     def start(self):
         self.procs = [subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True) for _ in range(self.workers)]
 
-    monkeypatch.setattr(audit._Curves, "_start", start)
+    monkeypatch.setattr(curves.Curves, "_start", start)
     ws.set_setting("audit_workers", 2)
     try:
         with pytest.raises(MemauditError, match=r"a tau-curve worker process ended unexpectedly \(exit code 3\); "
@@ -185,10 +187,10 @@ def test_a_curve_worker_that_dies_fails_the_audit_in_one_line_and_leaves_no_run(
             audit.run_audit(ws)
     finally:
         ws.set_setting("audit_workers", -1)
-    assert [r.id for r in audit.list_runs(ws)] == runs
+    assert [r.id for r in runs.list_runs(ws)] == before
     with ws.connect() as con:
         assert con.execute("SELECT COUNT(*) FROM audit_runs WHERE status = 'running'").fetchone()[0] == 0
-    assert sorted(p.name for p in (ws.root / "cache").iterdir()) == sorted(f"run-{r}" for r in runs)
+    assert sorted(p.name for p in (ws.root / "cache").iterdir()) == sorted(f"run-{r}" for r in before)
 
 
 def test_a_curve_worker_reports_bad_input_and_budget_bounds(tmp_path):
@@ -202,15 +204,15 @@ def test_a_curve_worker_reports_bad_input_and_budget_bounds(tmp_path):
     dist = np.minimum(x, x.T)
     np.fill_diagonal(dist, 0)
     np.save(tmp_path / "d.npy", dist)
-    proc = subprocess.run([sys.executable, "-m", "core.curve_worker"], capture_output=True, text=True, timeout=120,
-                          input="\n".join(json.dumps({**t, "taus": audit.TAU_GRID.tolist()}) for t in (
+    proc = subprocess.run([sys.executable, "-m", "core.curves"], capture_output=True, text=True, timeout=120,
+                          input="\n".join(json.dumps({**t, "taus": curves.TAU_GRID.tolist()}) for t in (
                               {"dist": str(tmp_path / "d.npy"), "budget": 500000},
                               {"dist": str(tmp_path / "gone.npy"), "budget": 10},
                               {"dist": str(tmp_path / "d.npy"), "budget": 1})) + "\n",
-                          cwd=str(audit.Path(audit.__file__).resolve().parents[1]))
+                          cwd=str(Path(audit.__file__).resolve().parents[1]))
     assert proc.returncode == 0, proc.stderr
     good, missing, starved = (json.loads(line) for line in proc.stdout.splitlines())
-    size, medoid, mean, exact = audit.tau_curve(dist)
+    size, medoid, mean, exact = curves.tau_curve(dist)
     assert good["size"] == size.tolist() and good["medoid"] == medoid.tolist() and all(good["exact"]) and exact.all()
     assert np.array_equal(np.asarray(good["mean"], np.float32), mean)
     assert missing["error"].startswith("FileNotFoundError") and "Traceback" in missing["traceback"]
@@ -221,7 +223,7 @@ def test_a_curve_worker_reports_bad_input_and_budget_bounds(tmp_path):
 
 def test_figure5_table_counts_prompts_by_duplicate_count(planted):
     ws, run_id = planted
-    table = audit.duplicate_extraction_table(ws, run_id)
+    table = results.duplicate_extraction_table(ws, run_id)
     assert sum(r["prompts"] for r in table) == len(FLAGGED) + len(NOT_FLAGGED)
     assert sum(r["extracted"] or 0 for r in table) >= len(FLAGGED)
 
@@ -233,20 +235,20 @@ def test_audit_without_inputs_says_what_to_do(tmp_path):
     with pytest.raises(InputError, match="no generations"):
         audit.run_audit(ws)
     with pytest.raises(InputError, match="no audit run"):
-        audit.candidates(ws)
+        results.candidates(ws)
 
 
 def test_bad_grid_is_refused_before_any_work(planted):
     ws, _ = planted
-    before = len(audit.list_runs(ws))
+    before = len(runs.list_runs(ws))
     with pytest.raises(InputError, match="grid 3 does not divide"):
         audit.run_audit(ws, audit.params_from(ws, grid=3))
-    assert len(audit.list_runs(ws)) == before
+    assert len(runs.list_runs(ws)) == before
 
 
 def _runs_agree(ws, a: int, b: int, atol: float) -> None:
     """Two audit runs of the same workspace: the same verdicts, cliques and curves; distances within atol."""
-    ca, cb = audit.RunCache(ws, a), audit.RunCache(ws, b)
+    ca, cb = rethreshold.RunCache(ws, a), rethreshold.RunCache(ws, b)
     assert ca.grids == cb.grids and np.array_equal(ca.gen_ids, cb.gen_ids)
     for g in ca.grids:
         for pid in ca.prompt_ids:
@@ -270,11 +272,11 @@ def test_audit_device_setting_picks_the_device_and_refuses_a_missing_gpu_before_
     try:
         _runs_agree(ws, run_id, audit.run_audit(ws), atol=1e-4 if cuda else 0.0)
         if not cuda:
-            before = len(audit.list_runs(ws))
+            before = len(runs.list_runs(ws))
             ws.set_setting("audit_device", "cuda")
             with pytest.raises(InputError, match="no CUDA GPU is usable here"):
                 audit.run_audit(ws)
-            assert len(audit.list_runs(ws)) == before
+            assert len(runs.list_runs(ws)) == before
     finally:
         ws.set_setting("audit_device", "cpu")
 
@@ -293,7 +295,7 @@ def test_audit_on_cuda_agrees_with_the_cpu(planted):
 
 def test_labels_are_append_only_with_undo_and_agreement(planted):
     ws, run_id = planted
-    cands = audit.candidates(ws, run_id, flagged_only=True)
+    cands = results.candidates(ws, run_id, flagged_only=True)
     a, b = cands[0], cands[1]
     e1 = labels.add_label(ws, a.id, "exact_copy", "alice", token="t1")
     assert labels.add_label(ws, a.id, "exact_copy", "alice", token="t1") == e1  # retried click stored once
@@ -352,7 +354,7 @@ def test_unconditional_generations_use_relative_l2(tmp_path):
         w.writerow(["noise.png", ""])
     import_generations(ws, gdir / "m.csv")
     run = audit.run_audit(ws, audit.params_from(ws, relative_n=5))
-    cands = {c.medoid_path.split("/")[-1]: c for c in audit.candidates(ws, run) if c.prompt is None}
+    cands = {c.medoid_path.split("/")[-1]: c for c in results.candidates(ws, run) if c.prompt is None}
     copy = next(c for c in cands.values() if c.extracted)
     assert copy.relative_l2 < 0.5 and copy.l2 < 0.05
     assert sum(c.extracted for c in cands.values()) == 1
@@ -387,16 +389,16 @@ def test_recount_at_the_runs_thresholds_equals_the_run_when_a_second_group_is_th
             w.writerow([f"s{j}.png", "second group copies", j])
     import_generations(ws, gdir / "m.csv")
     run_id = audit.run_audit(ws, audit.params_from(ws, grid_choices=""))
-    rows = {r.prompt: r for r in audit.prompt_results(ws, run_id)}
+    rows = {r.prompt: r for r in results.prompt_results(ws, run_id)}
     second = rows["second group copies"]
     assert second.flagged and second.extracted and second.largest_clique == 14 and second.best_l2 > 0.15
-    p = audit.run_params(ws, run_id)
-    r = audit.RunCache(ws, run_id).recount(p.edge_threshold, p.min_clique, p.delta)
+    p = runs.run_params(ws, run_id)
+    r = rethreshold.RunCache(ws, run_id).recount(p.edge_threshold, p.min_clique, p.delta)
     assert r.flagged == sum(x.flagged for x in rows.values())
     assert r.extracted == sum(x.extracted for x in rows.values())
     assert {x.prompt: (x.flagged, x.extracted) for x in r.prompts} == {k: (v.flagged, v.extracted) for k, v in rows.items()}
     # off the run's tau only the largest clique is known: this prompt then counts as not extracted
-    off = audit.RunCache(ws, run_id).recount(p.edge_threshold + 0.005, p.min_clique, p.delta)
+    off = rethreshold.RunCache(ws, run_id).recount(p.edge_threshold + 0.005, p.min_clique, p.delta)
     assert not next(x for x in off.prompts if x.prompt == "second group copies").extracted
 
 
@@ -405,7 +407,7 @@ def test_the_run_tau_is_on_the_curve_and_the_setting_stops_where_the_curve_does(
 
     ws, _ = planted
     run_id = audit.run_audit(ws, audit.params_from(ws, edge_threshold=0.1234, grid_choices=""))
-    cache = audit.RunCache(ws, run_id)
+    cache = rethreshold.RunCache(ws, run_id)
     assert 0.1234 in cache.taus.tolist() and cache.taus.max() == pytest.approx(config.TAU_MAX)
     assert cache.recount(0.1234, 10, 0.15).tau == pytest.approx(0.1234)
     with pytest.raises(ValueError, match="edge_threshold must be <= 0.3"):

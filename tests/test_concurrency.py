@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from core import labels
-from core.audit import candidates
+from core.results import candidates
 from core.store import Workspace
 from reliability import ENV, ROOT, assert_consistent, events_json, label_worker, small_audited_workspace
 

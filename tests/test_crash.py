@@ -252,7 +252,7 @@ def cached_prompts(ws: Path) -> int:
 
 
 def curve_workers_alive() -> set[int]:
-    """Pids of live (not zombie) ``core.curve_worker`` processes."""
+    """Pids of live (not zombie) ``core.curves`` processes."""
     found = set()
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -262,7 +262,7 @@ def curve_workers_alive() -> set[int]:
             state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if b"core.curve_worker" in cmd and state != "Z":
+        if b"core.curves" in cmd and state != "Z":
             found.add(int(d.name))
     return found
 
@@ -368,7 +368,7 @@ def test_an_audit_run_is_removed_only_once_its_process_is_gone(tmp_path, planted
     import subprocess
     import sys
 
-    from core import audit
+    from core import runs
     from core.store import now
 
     ws = Workspace.open(copy_ws(planted_ingested, tmp_path / "ws"))
@@ -379,17 +379,17 @@ def test_an_audit_run_is_removed_only_once_its_process_is_gone(tmp_path, planted
     (cache / "prompt-1.npy").write_bytes(b"partial")
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
                                "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
-                               str(cache / audit.RUN_LOCK)], stdout=subprocess.PIPE, text=True)
+                               str(cache / runs.RUN_LOCK)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        assert audit.remove_abandoned_runs(ws) == []  # its process is alive: still auditing
+        assert runs.remove_abandoned_runs(ws) == []  # its process is alive: still auditing
         assert cache.is_dir()
     finally:
         holder.kill()
         holder.wait()
-    assert audit.remove_abandoned_runs(ws) == [run_id]
+    assert runs.remove_abandoned_runs(ws) == [run_id]
     assert not cache.exists() and rows_of(ws.root, "SELECT COUNT(*) FROM audit_runs") == [(0,)]
     # a run row whose cache folder is gone altogether is abandoned too
     with ws.transaction() as con:
         other = con.execute("INSERT INTO audit_runs(created_at, status, params) VALUES (?, 'running', '{}')", (now(),)).lastrowid
-    assert audit.remove_abandoned_runs(ws) == [other]
+    assert runs.remove_abandoned_runs(ws) == [other]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import audit, labels, views
+from core import audit, labels, results, rethreshold, runs
 from dashboard import launch, ui
 from dashboard.jobs import Job, JobRegistry
 from dashboard_data import empty_workspace, ingested_copy, labelled_copy, unlabelled_workspace
@@ -99,7 +99,7 @@ def test_overview_audits_a_workspace_that_has_no_run(tmp_path_factory):
     at.run()  # the page follows the job and reruns when it ends
     at.run()
     no_exception(at)
-    assert audit.latest_run(ws) is not None
+    assert runs.latest_run(ws) is not None
     assert metric(at, "Flagged prompts") == "4"
 
 
@@ -128,7 +128,7 @@ def test_an_unconditional_run(tiny_unconditional, tmp_path):
 # ---------------------------------------------------------------------------- overview
 def test_overview_numbers_come_from_the_run(planted):
     ws, run_id = planted
-    ov = views.overview(ws, run_id)
+    ov = results.overview(ws, run_id)
     at = no_exception(open_app(ws))
     assert metric(at, "Flagged prompts") == str(ov.flagged_prompts) == "4"
     assert metric(at, "Extracted prompts") == str(ov.extracted_prompts) == "3"
@@ -144,7 +144,7 @@ def test_overview_numbers_come_from_the_run(planted):
 # ---------------------------------------------------------------------------- cliques
 def test_cliques_recount_when_a_slider_moves(planted):
     ws, run_id = planted
-    params = audit.run_params(ws, run_id)
+    params = runs.run_params(ws, run_id)
     at = no_exception(open_app(ws, "cliques"))
     assert metric(at, "Flagged prompts") == "4" and metric(at, "Extracted prompts") == "3"
     # the first prompt's largest group is shown with its generations and nearest training images
@@ -167,8 +167,8 @@ def test_cliques_grid_slider_recounts_from_the_cache(planted):
     """G 4 -> 1: plain L2 links the flat-texture trap (a fifth flagged prompt); every count and the
     neighbours' tiled L2 come from the run's cache at the chosen grid."""
     ws, run_id = planted
-    params = audit.run_params(ws, run_id)
-    cache = audit.RunCache(ws, run_id)
+    params = runs.run_params(ws, run_id)
+    cache = rethreshold.RunCache(ws, run_id)
     at = no_exception(open_app(ws, "cliques"))
     grid = at.select_slider(key=f"cliques_grid_{run_id}")
     assert grid.value == params.grid and list(grid.options) == [f"{g} x {g}" for g in cache.grids]

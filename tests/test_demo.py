@@ -2,7 +2,7 @@
 
 import csv
 
-from core import audit
+from core import results
 from core.demo import build_demo
 from core.demo_data import DEMO_SOURCES
 from core.store import Workspace
@@ -19,7 +19,7 @@ def _copies_by_caption() -> dict[str, int]:
 def test_demo_flags_duplicated_images_and_not_novel_ones(tmp_path):
     result = build_demo(tmp_path / "demo", progress=False, membership=False)  # membership: tests/test_demo_membership.py
     copies = _copies_by_caption()
-    rows = {r.prompt: r for r in audit.prompt_results(Workspace.open(result.workspace), result.run_id)}
+    rows = {r.prompt: r for r in results.prompt_results(Workspace.open(result.workspace), result.run_id)}
     assert set(rows) == set(copies)
     by_level: dict[int, list] = {}
     for caption, r in rows.items():

@@ -362,8 +362,8 @@ def test_block_pooling_equals_the_area_filter_embedder():
 
 
 def test_figure5_reads_counts_brought_up_to_date(tmp_path):
-    """After a threshold change, Figure 5's rows (views.extraction_by_duplicates) use the recounted duplicate counts."""
-    from core import views
+    """After a threshold change, Figure 5's rows (results.extraction_by_duplicates) use the recounted duplicate counts."""
+    from core import results
 
     ws = Workspace.init(tmp_path / "ws")
     chain_of_three(tmp_path / "a")
@@ -378,5 +378,5 @@ def test_figure5_reads_counts_brought_up_to_date(tmp_path):
     params = {f.name: config.default(f.name) for f in dataclasses.fields(AuditParams) if f.name in config.SETTINGS}
     with ws.transaction() as con:  # a finished run needs no generations to exercise the count refresh
         con.execute("INSERT INTO audit_runs(created_at, status, params) VALUES ('now', 'done', ?)", (json.dumps(params),))
-    views.extraction_by_duplicates(ws, 1)
+    results.extraction_by_duplicates(ws, 1)
     assert duplicates.is_current(ws) and stored_counts(ws) == {"dark.png": 3, "mid.png": 3, "light.png": 3}

@@ -1,6 +1,6 @@
 import json
 
-from core import audit, labels
+from core import audit, labels, results
 from core.cli import main
 from core.maintenance import backup, verify
 from core.store import Workspace
@@ -9,7 +9,7 @@ from workspaces import planted_workspace
 
 def test_backup_is_a_complete_consistent_workspace(tmp_path, capsys):
     ws, run_id = planted_workspace(tmp_path / "src")
-    cand = audit.candidates(ws, run_id, flagged_only=True)[0]
+    cand = results.candidates(ws, run_id, flagged_only=True)[0]
     labels.add_label(ws, cand.id, "exact_copy", "alice")
     out = backup(ws, tmp_path / "copy")
     copy = Workspace.open(out)

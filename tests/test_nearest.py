@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core import audit
+from core import audit, results, rethreshold
 from core.images import load_working
 from core.importer import import_generations
 from core.nearest import FINE, TrainingPyramid, certified_nearest, pool
@@ -44,7 +44,7 @@ def templated(tmp_path_factory):
 
 
 def _arrays(ws: Workspace, size: int = 64):
-    rows = audit.get_training(ws)
+    rows = results.get_training(ws)
     ids = np.array(sorted(rows))
     train = np.stack([load_working(ws.resolve(rows[i].path), size) for i in ids])
     gens = [g for gs in audit.generations_by_prompt(ws).values() for g in gs]
@@ -117,7 +117,7 @@ def test_a_search_stopped_by_its_budget_says_so_with_a_true_lower_bound(template
 
 def test_pooled_cache_follows_the_training_set(templated, tmp_path):
     ws, files = templated
-    rows = audit.get_training(ws)
+    rows = results.get_training(ws)
     paths = {i: rows[i].path for i in rows}
     first = TrainingPyramid.load(ws, 32, paths)
     cache = ws.root / "index" / "pooled-32.npz"
@@ -138,17 +138,17 @@ def test_pooled_cache_follows_the_training_set(templated, tmp_path):
 def test_audit_extracts_every_templated_copy_and_stores_certification(templated):
     ws, files = templated
     run_id = audit.run_audit(ws, audit.params_from(ws, grid_choices=""))
-    cands = [c for c in audit.candidates(ws, run_id) if c.group_rank == 0]
+    cands = [c for c in results.candidates(ws, run_id) if c.group_rank == 0]
     assert len(cands) == 12
     assert all(c.flagged and c.extracted for c in cands), [(c.prompt, c.l2) for c in cands if not c.extracted]
     assert all(c.nearest_certified and c.clique_exact for c in cands)
     assert all(c.nearest_training_path and c.l2 < 0.08 for c in cands)
-    train = audit.get_training(ws)
+    train = results.get_training(ws)
     for c in cands:
         assert train[c.nearest_training_id].source_path.endswith(files["truth"][c.prompt])
         assert c.exact_distances > 10 and c.nearest_lower == pytest.approx(c.l2)
-    summary = audit.count_summary(ws, run_id)
+    summary = results.count_summary(ws, run_id)
     assert summary["extracted_candidates"] >= 12
-    rc = audit.RunCache(ws, run_id)
+    rc = rethreshold.RunCache(ws, run_id)
     r = rc.recount(0.1, 10, 0.15)
     assert (r.flagged, r.extracted, r.uncertain, r.clique_bounds) == (12, 12, 0, 0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import audit, report
+from core import report, results
 from core.errors import InputError
 from dashboard_data import empty_workspace, labelled_workspace
 
@@ -36,7 +36,7 @@ def test_report_is_self_contained(built):
 
 def test_report_holds_the_runs_numbers_and_labels(built):
     ws, run_id, text = built
-    summary = audit.count_summary(ws, run_id)
+    summary = results.count_summary(ws, run_id)
     assert f"audit run {run_id}" in text
     assert f"<th>flagged prompts</th><td class='num'>{summary['flagged_prompts']}</td>" in text
     assert f"<th>extracted candidates</th><td class='num'>{summary['extracted_candidates']}</td>" in text
@@ -48,7 +48,7 @@ def test_report_holds_the_runs_numbers_and_labels(built):
 def test_thumbnails_are_inline_pngs_enlarged_with_nearest_neighbour(built):
     ws, run_id, text = built
     uris = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", text)
-    shown = min(10, len(audit.candidates(ws, run_id)))
+    shown = min(10, len(results.candidates(ws, run_id)))
     assert len(uris) == 2 * shown  # medoid and nearest training image per candidate
     img = np.asarray(Image.open(io.BytesIO(base64.b64decode(uris[0]))))
     assert img.shape[0] >= 128 and img.shape[0] % 64 == 0  # 64 px planted images, enlarged by an integer factor

@@ -10,7 +10,7 @@ import pytest
 from servers import free_port, running_dashboard
 from test_browser import ROOT, browser, metric_value, page, settle, shoot  # noqa: F401 - fixtures
 
-from core import audit, triage
+from core import results, triage
 
 pytestmark = pytest.mark.browser
 
@@ -20,7 +20,7 @@ def server(tmp_path_factory, tiny_text2image):
     from dashboard_data import labelled_copy
 
     ws, run_id = labelled_copy(tmp_path_factory, "triage-browser")
-    prompts = [r.prompt for r in audit.prompt_results(ws, run_id)]
+    prompts = [r.prompt for r in results.prompt_results(ws, run_id)]
     triage_run = triage.triage(ws, str(tiny_text2image), prompts, triage.make_params(ws, samples=1), device="cpu").run_id
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     log_path = tmp_path_factory.mktemp("server") / "streamlit.log"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from core import audit, triage
+from core import results, triage
 from dashboard_data import labelled_copy
 from test_dashboard import metric, no_exception, open_app, texts
 
@@ -14,7 +14,7 @@ from test_dashboard import metric, no_exception, open_app, texts
 def scored(tmp_path_factory, tiny_text2image):
     """(ws, audit run, triage run): the audited workspace's prompts, plus two never generated, triaged."""
     ws, run_id = labelled_copy(tmp_path_factory, "triage-pages")
-    prompts = [r.prompt for r in audit.prompt_results(ws, run_id)] + ["a prompt never generated", "another one"]
+    prompts = [r.prompt for r in results.prompt_results(ws, run_id)] + ["a prompt never generated", "another one"]
     report = triage.triage(ws, str(tiny_text2image), prompts, triage.make_params(ws, samples=1), device="cpu")
     return ws, run_id, report.run_id
 
@@ -30,7 +30,7 @@ def test_triage_page_ranks_and_checks_against_the_audit(scored):
     ws, run_id, triage_run = scored
     at = no_exception(open_app(ws, "triage"))
     v = triage.validate(ws, triage_run, run_id)
-    assert v.not_audited == 2 and v.prompts == len(audit.prompt_results(ws, run_id))
+    assert v.not_audited == 2 and v.prompts == len(results.prompt_results(ws, run_id))
     table = at.dataframe[0].value
     assert list(table["prompt"]) == [r.prompt for r in triage.ranked(ws, triage_run)]
     assert set(table["audit"]) >= {"extracted", ""}

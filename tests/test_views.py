@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from core import audit, labels, views
+from core import labels, results, views
 from dashboard_data import labelled_workspace, truth_of
 
 
@@ -16,8 +16,8 @@ def planted(tmp_path_factory):
 
 def test_overview_counts(planted):
     ws, run_id = planted
-    ov = views.overview(ws, run_id)
-    cands = audit.candidates(ws, run_id)
+    ov = results.overview(ws, run_id)
+    cands = results.candidates(ws, run_id)
     assert ov.candidates == len(cands) and ov.labelled_candidates == len(cands) and ov.unlabelled_candidates == 0
     assert ov.flagged_prompts == 4 and ov.extracted_prompts == 3
     assert ov.extracted_candidates == sum(c.extracted for c in cands) == 4
@@ -28,12 +28,12 @@ def test_overview_counts(planted):
 
 def test_candidate_scores_carry_metrics_and_majority_truth(planted):
     ws, run_id = planted
-    s = views.candidate_scores(ws, run_id)
-    cands = audit.candidates(ws, run_id)
+    s = results.candidate_scores(ws, run_id)
+    cands = results.candidates(ws, run_id)
     assert list(s.candidate_ids) == [c.id for c in cands]
     np.testing.assert_allclose(s.metrics["l2"], [c.l2 for c in cands])
     assert np.isnan(s.metrics["relative_l2"]).all()  # text prompts: no relative L2
-    sims = [audit.neighbours(ws, c.id)[0].similarity for c in cands]
+    sims = [results.neighbours(ws, c.id)[0].similarity for c in cands]
     np.testing.assert_allclose(s.metrics["similarity"], sims, rtol=1e-6)
     for c, t in zip(cands, s.truth):
         alice = truth_of(c)
@@ -46,14 +46,14 @@ def test_candidate_scores_carry_metrics_and_majority_truth(planted):
 
 def test_labelled_prompts(planted):
     ws, run_id = planted
-    assert views.labelled_prompts(ws, run_id) == {c.prompt_id for c in audit.candidates(ws, run_id)}
+    assert results.labelled_prompts(ws, run_id) == {c.prompt_id for c in results.candidates(ws, run_id)}
 
 
 def test_label_counts(planted):
     ws, run_id = planted
-    counts = views.label_counts(ws, run_id)
+    counts = results.label_counts(ws, run_id)
     current = labels.current_labels(ws)
-    expected = Counter(lab for c in audit.candidates(ws, run_id)
+    expected = Counter(lab for c in results.candidates(ws, run_id)
                        for lab in current.get((c.medoid_generation_id, c.nearest_training_id), {}).values())
     assert counts == dict(expected)
     assert counts["unsure"] >= 1 and counts["near_copy"] >= 1 and sum(counts.values()) >= 16
@@ -62,24 +62,24 @@ def test_label_counts(planted):
 def test_bin_by_duplicates():
     rows = [{"k": 1, "prompts": 5, "extracted": 0}, {"k": 3, "prompts": 2, "extracted": 1},
             {"k": 2, "prompts": 1, "extracted": 1}, {"k": 300, "prompts": 4, "extracted": 4}]
-    bins = views.bin_by_duplicates(rows)
+    bins = results.bin_by_duplicates(rows)
     assert bins == [("1", 5, 0), ("2-3", 3, 2), (">=256", 4, 4)]  # empty bins are left out
-    assert views.bin_by_duplicates([{"k": 5, "prompts": 1, "extracted": None}])[-1] == ("4-7", 1, 0)
-    assert views.bin_by_duplicates([]) == []
+    assert results.bin_by_duplicates([{"k": 5, "prompts": 1, "extracted": None}])[-1] == ("4-7", 1, 0)
+    assert results.bin_by_duplicates([]) == []
 
 
 def test_extraction_by_duplicates(planted):
     ws, run_id = planted
-    rates = views.extraction_by_duplicates(ws, run_id)
+    rates = results.extraction_by_duplicates(ws, run_id)
     assert rates.bins == [("1", 10, 3)]  # every training image is unique; 3 of the 10 text prompts extracted
     assert "nearest to their largest clique" in rates.basis  # prompts are not training captions here
 
 
 def test_duplicate_groups_and_summary(planted):
     ws, _ = planted
-    summary = views.training_summary(ws)
+    summary = results.training_summary(ws)
     assert summary["images"] == 8 and summary["captioned"] == 8 and summary["max_duplicates"] == 1
-    assert views.duplicate_groups(ws) == []
+    assert results.duplicate_groups(ws) == []
 
 
 def test_upscale_nearest_keeps_pixels_square():
@@ -116,7 +116,7 @@ def test_difference_image_colours():
 
 def test_display_image_and_data_uri(planted):
     ws, run_id = planted
-    c = audit.candidates(ws, run_id)[0]
+    c = results.candidates(ws, run_id)[0]
     img = views.display_image(ws, c.medoid_path, 192)
     assert img.dtype == np.uint8 and img.shape == (192, 192, 3)  # 64 px enlarged 3 x
     assert views.file_data_uri(ws, c.medoid_path).startswith("data:image/png;base64,")
@@ -130,9 +130,9 @@ def test_views_write_nothing(planted):
     ws, run_id = planted
     before = ws.counts()
     events = len(labels.label_events(ws))
-    views.overview(ws, run_id)
-    views.candidate_scores(ws, run_id)
-    views.extraction_by_duplicates(ws, run_id)
+    results.overview(ws, run_id)
+    results.candidate_scores(ws, run_id)
+    results.extraction_by_duplicates(ws, run_id)
     assert ws.counts() == before and len(labels.label_events(ws)) == events
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from core import audit, figures, views
+from core import figures, results, runs
 from core.calibrate import DEFAULT_PRECISIONS, calibrate_metrics, precision_at_rank
 from core.errors import MemauditError
 from dashboard import ui
@@ -16,8 +16,8 @@ METRICS = ("l2", "tiled_l2", "relative_l2", "similarity")
 st.title("Calibrate")
 ws = ui.workspace()
 run = ui.run_id(ws)
-params = audit.run_params(ws, run)
-scores = views.candidate_scores(ws, run)
+params = runs.run_params(ws, run)
+scores = results.candidate_scores(ws, run)
 lab = scores.labelled()
 if not lab.any():
     st.info("No labels yet: label candidates on the Review page first (unsure labels and ties do not count).")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import audit, views
+from core import results, rethreshold, runs, views
 from core.errors import MemauditError
 from core.store import Workspace
 from dashboard import ui
@@ -17,7 +17,7 @@ THUMB, NEIGHBOUR, COMPARE = 96, 128, 240  # CSS pixels
 st.title("Cliques")
 ws = ui.workspace()
 run = ui.run_id(ws)
-params = audit.run_params(ws, run)
+params = runs.run_params(ws, run)
 try:
     cache = ui.run_cache(str(ws.root), run)
 except MemauditError as e:
@@ -26,19 +26,19 @@ except MemauditError as e:
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def recount(root: str, run: int, tau: float, k: int, delta: float, grid: int) -> audit.Recount:
+def recount(root: str, run: int, tau: float, k: int, delta: float, grid: int) -> rethreshold.Recount:
     return ui.run_cache(root, run).recount(tau, k, delta, grid)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def groups(root: str, run: int, prompt_id: int, tau: float, min_size: int, max_groups: int, grid: int) -> list[audit.GroupView]:
-    return audit.prompt_groups(Workspace(root), run, prompt_id, tau=tau, min_size=min_size, max_groups=max_groups,
+def groups(root: str, run: int, prompt_id: int, tau: float, min_size: int, max_groups: int, grid: int) -> list[rethreshold.GroupView]:
+    return rethreshold.prompt_groups(Workspace(root), run, prompt_id, tau=tau, min_size=min_size, max_groups=max_groups,
                                grid=grid, cache=ui.run_cache(root, run))
 
 
 @st.cache_data(show_spinner=False)
 def labelled_prompts(root: str, run: int, events: int) -> set[int]:
-    return views.labelled_prompts(Workspace(root), run)
+    return results.labelled_prompts(Workspace(root), run)
 
 
 taus = [float(t) for t in cache.taus]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import config, triage, views
+from core import config, results, triage
 from core.store import Workspace
 from dashboard import ui
 
@@ -69,7 +69,7 @@ def fill_upload() -> None:
 
 left, right = st.columns([3, 2], gap="large")
 with left:
-    known = views.model_refs(ws)
+    known = results.model_refs(ws)
     if "generate_model" not in st.session_state and known:
         st.session_state["generate_model"] = known[0]
     model = st.text_input("Model: a local diffusers folder or a hub id", key="generate_model", persist_state="session",

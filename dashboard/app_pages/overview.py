@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import audit, figures, views
+from core import audit, figures, results, runs
 from core.errors import MemauditError
 from core.store import Workspace
 from dashboard import ui
@@ -67,8 +67,8 @@ if not ui.runs(ws):
     st.stop()
 
 run = ui.run_id(ws)
-params = audit.run_params(ws, run)
-ov = views.overview(ws, run)
+params = runs.run_params(ws, run)
+ov = results.overview(ws, run)
 
 st.caption(f"Audit run {run}: tau {params.edge_threshold:g}, k {params.min_clique}, delta {params.delta:g}, "
            f"grid {params.grid} (cached for the sliders: {', '.join(map(str, audit.cached_grids(params.working_size, params)))}), "
@@ -110,13 +110,13 @@ if len(ov.kappa) > 1:
         st.dataframe([{"reviewers": f"{a} / {b}", "kappa": kappa, "pairs labelled by both": n}
                       for (a, b), (kappa, n) in ov.kappa.items()], hide_index=True)
 
-rates = views.extraction_by_duplicates(ws, run)
+rates = results.extraction_by_duplicates(ws, run)
 left, right = st.columns(2)
 with left:
     st.plotly_chart(figures.extraction_rate_by_duplicates(rates.bins, delta=params.delta), key="fig5")
     st.caption(f"Figure 5: extraction rate of {rates.basis}.")
 with right:
-    st.plotly_chart(figures.clique_size_distribution(views.largest_clique_sizes(ws, run), min_clique=params.min_clique),
+    st.plotly_chart(figures.clique_size_distribution(results.largest_clique_sizes(ws, run), min_clique=params.min_clique),
                     key="cliques")
     st.caption(f"Largest clique of each prompt at tau = {params.edge_threshold:g}; prompts right of the line are flagged.")
 

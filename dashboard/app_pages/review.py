@@ -11,7 +11,7 @@ import uuid
 
 import streamlit as st
 
-from core import audit, labels, views
+from core import labels, results, runs, views
 from core.errors import MemauditError
 from dashboard import ui
 
@@ -23,7 +23,7 @@ TEXT = {value: text for value, text, _ in CHOICES}
 st.title("Review")
 ws = ui.workspace()
 run = ui.run_id(ws)
-params = audit.run_params(ws, run)
+params = runs.run_params(ws, run)
 nonce = st.session_state.setdefault("review_nonce", uuid.uuid4().hex[:12])
 
 top = st.columns([3, 3, 2, 2], vertical_alignment="bottom")
@@ -57,7 +57,7 @@ except MemauditError as e:
     st.stop()
 if flagged_only:
     queue = [c for c in queue if c.flagged]
-all_cands = audit.candidates(ws, run)
+all_cands = results.candidates(ws, run)
 current = labels.current_labels(ws)
 mine = sum(1 for c in all_cands if reviewer in current.get((c.medoid_generation_id, c.nearest_training_id), {}))
 my_events = sum(1 for e in labels.label_events(ws) if e.reviewer == reviewer)
@@ -165,10 +165,10 @@ for col, (value, text, key) in zip(buttons, CHOICES):
                on_click=on_label, args=(c.id, value, f"{nonce}:{reviewer}:{c.id}:{value}:{my_events}", note_key))
 st.caption("Keys: 1 exact copy · 2 near copy · 3 not memorized · 4 unsure · U undo · N next · P previous.")
 
-members = audit.get_candidate(ws, c.id).members
+members = results.get_candidate(ws, c.id).members
 if len(members) > 1:
     with st.expander(f"The clique's {len(members)} generations"):
-        gens = audit.get_generations(ws, list(members))
+        gens = results.get_generations(ws, list(members))
         cols = st.columns(10)
         for j, gid in enumerate(list(members)[:30]):
             with cols[j % 10]:

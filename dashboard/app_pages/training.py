@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import training, views
+from core import results, training
 from dashboard import ui
 
 GENERATE_PROMPTS = "generate_prompts"  # read by the Generate page
 
 st.title("Training data")
 ws = ui.workspace()
-summary = views.training_summary(ws)
+summary = results.training_summary(ws)
 if not summary["images"]:
     st.info("No training images yet: add them with `memaudit add-training WS FOLDER`.")
     st.stop()
@@ -51,7 +51,7 @@ elif st.button(f"Send {len(chosen)}{' selected' if picked else ''} caption{'s' i
 st.subheader("Near-duplicate groups")
 st.caption("Each group is an image and the images within the duplicate threshold of it that no earlier group holds "
            "(its first image is shown first).")
-groups = views.duplicate_groups(ws, limit=12, per_group=12)
+groups = results.duplicate_groups(ws, limit=12, per_group=12)
 if not groups:
     st.caption("No near-duplicate groups: every training image is unique at the duplicate threshold.")
 for g in groups:

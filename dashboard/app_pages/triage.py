@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import audit, figures, triage
+from core import figures, runs, triage
 from core.errors import MemauditError
 from dashboard import ui
 
@@ -16,13 +16,13 @@ GENERATE_SOURCE = "generate_prompts_source"  # shown by the Generate page while 
 
 st.title("Triage")
 ws = ui.workspace()
-runs = triage.list_runs(ws)
-if not runs:
+triage_runs = triage.list_runs(ws)
+if not triage_runs:
     st.info("No triage run yet: score prompts with `memaudit triage WS --model M --prompts F` "
             "(a few denoising steps per prompt instead of hundreds of samples), then come back here.")
     st.stop()
 
-by_id = {r.id: r for r in runs}
+by_id = {r.id: r for r in triage_runs}
 run_id = st.selectbox("Triage run", list(by_id)[::-1], key="triage_run",
                       format_func=lambda i: f"run {i} · {by_id[i].params.method} · {by_id[i].params.steps} step(s) · "
                                             f"{by_id[i].params.samples} sample{'s' if by_id[i].params.samples != 1 else ''} · {by_id[i].prompts} prompts")
@@ -31,7 +31,7 @@ p = run.params
 st.caption(f"Model `{run.model_ref}` (weights {run.weights_hash[:12]}) · seed {p.seed} · guidance {p.guidance:g} · "
            f"first {p.steps} of {p.sampling_steps} DDIM steps · higher score = more likely memorised")
 
-audit_runs = [r.id for r in audit.list_runs(ws)]
+audit_runs = [r.id for r in runs.list_runs(ws)]
 audit_run = ui.run_id(ws) if audit_runs else None
 rows = triage.ranking_table(ws, run.id, audit_run)
 
