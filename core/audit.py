@@ -24,10 +24,17 @@ distance products serves them all), so the tile grid is a slider too.
 
 Generations without a prompt (unconditional models) are judged one by one by
 relative L2 (PAPER.md): rel = l2(x_hat, x) / (alpha * mean over the n nearest
-training images y of l2(x_hat, y)); extracted when rel < 1.
+training images y of l2(x_hat, y)); extracted when rel < 1. They are decoded, searched
+and written in chunks (``config.AUDIT_CHUNK_BYTES``), so a million of them audit in the
+memory of one chunk plus the training set's.
 
 Results are stored as an audit run with its parameters, so runs with different
-thresholds can be compared. The per-run cache lives in WS/cache/run-<id>/.
+thresholds can be compared. The per-run cache lives in WS/cache/run-<id>/; its
+per-generation arrays are memory-mapped files written in place as the work goes.
+
+The units of work are ``AuditContext.audit_prompt`` (one text prompt) and
+``AuditContext.audit_chunk`` (a chunk of unconditional generations): a process that builds
+an ``AuditContext`` can run either, and the run's own process stores what they return.
 """
 
 from __future__ import annotations
@@ -36,19 +43,19 @@ import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
 from . import config
 from .curves import Curves, curve_workers, run_taus
-from .errors import InputError
-from .records import AuditParams, Generation
-from .results import generation_from_row, get_training
-from .runs import distance_file, own_run, remove_abandoned_runs, tiled_file
+from .errors import InputError, MemauditError
+from .records import AuditParams
+from .results import get_training
+from .runs import cache_dir, distance_file, own_run, remove_abandoned_runs, tiled_file
 from .store import Workspace, now
-
-UNCONDITIONAL_CANDIDATES = 100  # candidates stored per unconditional prompt beyond those extracted
 
 Progress = Callable[[str, int, int], None]
 
@@ -94,18 +101,46 @@ def _working_size(ws: Workspace, requested: int) -> int:
     return int(rows[0]["s"])
 
 
-# ---------------------------------------------------------------------------- loading
+# ---------------------------------------------------------------------------- what is audited
+@dataclass(frozen=True)
+class PromptPlan:
+    """One prompt's share of a run: its generations are rows ``base .. base + count`` of the run's arrays."""
+    prompt_id: int
+    unconditional: bool
+    count: int
+    base: int
 
 
-_GEN_SQL = "SELECT g.*, p.text FROM generations g JOIN prompts p ON p.id = g.prompt_id"
-
-
-def generations_by_prompt(ws: Workspace) -> dict[int, list[Generation]]:
-    out: dict[int, list[Generation]] = {}
+def plan(ws: Workspace) -> tuple[list[PromptPlan], int]:
+    """The prompts to audit, by id, with their generation counts and row offsets; and the highest
+    generation id included (generations added while the audit runs wait for the next one)."""
     with ws.connect() as con:
-        for row in con.execute(_GEN_SQL + " ORDER BY g.prompt_id, g.seed, g.id"):
-            out.setdefault(row["prompt_id"], []).append(generation_from_row(row))
-    return out
+        last = con.execute("SELECT MAX(id) FROM generations").fetchone()[0] or 0
+        rows = con.execute("SELECT g.prompt_id, p.text, COUNT(*) AS n FROM generations g JOIN prompts p ON p.id = g.prompt_id "
+                           "WHERE g.id <= ? GROUP BY g.prompt_id ORDER BY g.prompt_id", (last,)).fetchall()
+    out, base = [], 0
+    for r in rows:
+        out.append(PromptPlan(r["prompt_id"], not r["text"], r["n"], base))
+        base += r["n"]
+    return out, last
+
+
+def generation_rows(ws: Workspace, prompt_id: int, last: int, chunk: int | None = None) -> Iterator[list[tuple[int, str]]]:
+    """A prompt's (generation id, path) in the audit's order (seed, then id), ``chunk`` at a time (all at once by default)."""
+    with ws.connect() as con:
+        cur = con.execute("SELECT id, path FROM generations WHERE prompt_id = ? AND id <= ? ORDER BY seed, id", (prompt_id, last))
+        while True:
+            rows = cur.fetchmany(chunk) if chunk else cur.fetchall()
+            if not rows:
+                return
+            yield [(r[0], r[1]) for r in rows]
+            if not chunk:
+                return
+
+
+def chunk_size(size: int) -> int:
+    """Generations of an unconditional model decoded and searched at once at working size ``size``."""
+    return max(1, config.AUDIT_CHUNK_BYTES // (size * size * 3 * 4))
 
 
 def _decode(ws: Workspace, paths: list[str], size: int, workers: int = 4) -> np.ndarray:
@@ -122,7 +157,6 @@ def _decode(ws: Workspace, paths: list[str], size: int, workers: int = 4) -> np.
     return out
 
 
-# ---------------------------------------------------------------------------- the run
 def _lap(timings: dict[str, float] | None, stage: str, start: float) -> float:
     """Add the seconds since ``start`` to ``timings[stage]`` (when timings is a dict); return the clock now."""
     t = time.perf_counter()
@@ -131,146 +165,7 @@ def _lap(timings: dict[str, float] | None, stage: str, start: float) -> float:
     return t
 
 
-def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progress | None = None,
-              timings: dict[str, float] | None = None) -> int:
-    """Audit every prompt of the workspace; return the new run's id.
-
-    ``timings``, when given, is filled with the wall-clock seconds spent in each stage, summed
-    over prompts: setup, decode, retrieve, exact_neighbours, distances, cliques, curve, save_cache, store.
-    """
-    clock = time.perf_counter()
-    from .cliques import clique_groups
-    from .distances import check_grid, pairwise_tiled_l2_grids
-    from .nearest import TrainingPyramid, certified_nearest
-
-    params = params or params_from(ws)
-    size = _working_size(ws, params.working_size)
-    check_grid(size, params.grid)
-    params = AuditParams(**{**params.to_dict(), "working_size": size})
-    grids = cached_grids(size, params)
-    by_prompt = generations_by_prompt(ws)
-    training = get_training(ws)
-    if not training:
-        raise InputError(f"{ws.root} has no training images; add them with `memaudit add-training {ws.root} DIR`")
-
-    settings = ws.settings()
-    budget = int(settings["clique_node_budget"])
-    device = audit_device(settings["audit_device"])
-    similarity = _Similarity(ws, params.embedder, settings)
-    pyramid = TrainingPyramid.load(ws, size, {i: t.path for i, t in training.items()})
-    # text prompts: the nearest is certified, `neighbours` shown; the relative-L2 denominator of
-    # unconditional generations averages over the relative_n nearest, all certified
-    k_show = min(len(training), params.neighbours)
-    k_relative = min(len(training), params.relative_n)
-    taus = run_taus(params)
-    t_run = int(np.searchsorted(taus, params.edge_threshold))
-
-    clock = _lap(timings, "setup", clock)
-    remove_abandoned_runs(ws)
-    with ws.transaction() as con:
-        run_id = con.execute("INSERT INTO audit_runs(created_at, status, params) VALUES (?, 'running', ?)",
-                             (now(), json.dumps(params.to_dict()))).lastrowid
-        cache = ws.root / "cache" / f"run-{run_id}"
-        cache.mkdir(parents=True, exist_ok=True)
-        owner = own_run(cache)  # before the commit: no other process ever sees this run without its owner
-
-    prompt_ids = sorted(by_prompt)
-    sizes = sorted(len(by_prompt[pid]) for pid in prompt_ids if by_prompt[pid][0].prompt is not None)
-    workers = curve_workers(settings["audit_workers"], len(sizes) * len(grids), sizes[len(sizes) // 2] if sizes else 0)
-    curves = Curves((len(grids), len(prompt_ids), len(taus)), workers, budget, taus)
-    try:
-        all_gen_ids: list[int] = []
-        nn_ids, nn_l2, nn_sim, nn_rel, nn_cert, nn_lower, nn_exact = [], [], [], [], [], [], []
-        nn_tiled: dict[int, list[np.ndarray]] = {g: [] for g in grids}
-        results = []
-
-        for p_index, pid in enumerate(prompt_ids):
-            gens = by_prompt[pid]
-            if progress:
-                progress("audit", p_index, len(prompt_ids))
-            clock = time.perf_counter()
-            images = _decode(ws, [g.path for g in gens], size)
-            clock = _lap(timings, "decode", clock)
-            base = len(all_gen_ids)
-            all_gen_ids.extend(g.id for g in gens)
-
-            # nearest training images of every generation, certified over the whole training set
-            unconditional = gens[0].prompt is None
-            near = certified_nearest(images, pyramid, k_relative if unconditional else 1,
-                                     show=max(k_show, k_relative) if unconditional else k_show,
-                                     budget=params.nearest_budget, device=device)
-            ids, l2 = near.ids, near.l2
-            clock = _lap(timings, "nearest", clock)
-            sim = similarity(images, ids, near.pooled)
-            tiled_by_grid = _tiled_to_training(images, ids, pyramid, grids, device)
-            tiled = tiled_by_grid[params.grid]
-            n_rel = min(params.relative_n, l2.shape[1])
-            rel = l2[:, 0] / np.maximum(params.relative_alpha * l2[:, :n_rel].mean(axis=1), 1e-12)
-            keep = min(params.neighbours, l2.shape[1])
-            nn_ids.append(ids[:, :keep]); nn_l2.append(l2[:, :keep]); nn_sim.append(sim[:, :keep]); nn_rel.append(rel)
-            nn_cert.append(near.certified); nn_lower.append(near.lower); nn_exact.append(near.exact_count)
-            for g in grids:
-                nn_tiled[g].append(tiled_by_grid[g][:, :keep])
-            clock = _lap(timings, "exact_neighbours", clock)
-
-            if gens[0].prompt is None:
-                groups = []  # unconditional: judged per generation by relative L2 below
-            else:
-                by_grid = {g: d.cpu().numpy().astype(np.float32) for g, d in pairwise_tiled_l2_grids(images, grids=grids, device=device).items()}
-                clock = _lap(timings, "distances", clock)
-                for g, d in by_grid.items():
-                    np.fill_diagonal(d, 0.0)
-                    np.save(cache / distance_file(pid, g, params.grid), d)
-                dist = by_grid[params.grid]
-                clock = _lap(timings, "save_cache", clock)
-                # the largest clique is always kept (even of size 1: every prompt gets a candidate, so
-                # Figure 5 can attribute it); further groups only down to group_min_size
-                groups = clique_groups(dist, params.edge_threshold, 1, params.max_groups, budget=budget, on_budget="mark")
-                groups = groups[:1] + [g for g in groups[1:] if g.size >= params.group_min_size]
-                clock = _lap(timings, "cliques", clock)
-                for gi, g in enumerate(grids):
-                    curves.add(gi, p_index, base, by_grid[g], cache / distance_file(pid, g, params.grid))
-                # at the run's own tau and grid the curve holds the run's own largest clique, so that a
-                # recount at the run's thresholds gives the run's counts exactly
-                curves.pin(grids.index(params.grid), p_index, t_run, base, groups[0])
-                clock = _lap(timings, "curve", clock)
-            results.append((pid, gens, groups, base, l2, tiled, rel, ids, sim, near))
-
-        clock = time.perf_counter()
-        curves.finish()
-        clock = _lap(timings, "curve", clock)
-        gen_ids = np.asarray(all_gen_ids, dtype=np.int64)
-        empty_f = np.zeros((0, params.neighbours), np.float32)
-        np.save(cache / "gen_ids.npy", gen_ids)
-        np.save(cache / "nn_ids.npy", np.concatenate(nn_ids) if nn_ids else np.zeros((0, params.neighbours), np.int64))
-        np.save(cache / "nn_l2.npy", np.concatenate(nn_l2) if nn_l2 else empty_f)
-        for g in grids:
-            np.save(cache / tiled_file(g, params.grid), np.concatenate(nn_tiled[g]) if nn_tiled[g] else empty_f)
-        np.save(cache / "nn_sim.npy", np.concatenate(nn_sim) if nn_sim else empty_f)
-        np.save(cache / "nn_rel.npy", np.concatenate(nn_rel) if nn_rel else np.zeros(0, np.float32))
-        np.save(cache / "nn_certified.npy", np.concatenate(nn_cert) if nn_cert else np.zeros(0, bool))
-        np.save(cache / "nn_lower.npy", np.concatenate(nn_lower) if nn_lower else np.zeros(0, np.float32))
-        np.save(cache / "nn_exact.npy", np.concatenate(nn_exact) if nn_exact else np.zeros(0, np.int32))
-        np.savez(cache / "curves.npz", taus=taus, prompt_ids=np.asarray(prompt_ids, np.int64), grids=np.asarray(grids, np.int64),
-                 size=curves.size, medoid=curves.medoid, mean=curves.mean, exact=curves.exact)
-        clock = _lap(timings, "save_cache", clock)
-
-        _store_results(ws, run_id, params, results)
-        _lap(timings, "store", clock)
-    except BaseException:
-        curves.close()
-        with ws.transaction() as con:
-            con.execute("DELETE FROM audit_runs WHERE id = ?", (run_id,))
-        shutil.rmtree(cache, ignore_errors=True)
-        raise
-    finally:
-        if owner is not None:
-            owner.close()
-    if progress:
-        progress("audit", len(prompt_ids), len(prompt_ids))
-    return run_id
-
-
+# ---------------------------------------------------------------------------- the units of work
 class _Similarity:
     """The neighbours' similarity column: cosine of open_clip embeddings for the 'clip' embedder,
     1 - the normalised L2 of the pooled pixels for 'pixel'. Shown beside the exact distances;
@@ -289,7 +184,7 @@ class _Similarity:
             return (1.0 - pooled).astype(np.float32)
         queries = self.index.embedder.embed(images).astype(np.float64)
         rows = np.searchsorted(self.index.ids, ids)
-        vectors = np.asarray(self.index.vectors, dtype=np.float64)[rows]  # (Q, k, dim)
+        vectors = np.asarray(self.index.vectors[rows], dtype=np.float64)  # (Q, k, dim)
         return np.einsum("qd,qkd->qk", queries, vectors).astype(np.float32)
 
 
@@ -310,48 +205,322 @@ def _tiled_to_training(images: np.ndarray, ids: np.ndarray, pyramid, grids: list
     return {g: t.cpu().numpy().astype(np.float32).reshape(n, k) for g, t in tiled.items()}
 
 
-def _store_results(ws: Workspace, run_id: int, params: AuditParams, results: list) -> None:
+@dataclass
+class Rows:
+    """Per-generation results of consecutive generations: their nearest training images (the first
+    ``keep`` of them) with exact l2, tiled l2 at every cached grid and similarity, the relative L2,
+    and how certain the nearest is."""
+    gen_ids: np.ndarray  # (n,) int64
+    ids: np.ndarray  # (n, keep) int64
+    l2: np.ndarray  # (n, keep) float32
+    sim: np.ndarray  # (n, keep) float32
+    rel: np.ndarray  # (n,) float32
+    certified: np.ndarray  # (n,) bool
+    lower: np.ndarray  # (n,) float32
+    exact: np.ndarray  # (n,) int32 exact distances computed
+    tiled: dict[int, np.ndarray]  # grid -> (n, keep) float32
+
+
+@dataclass
+class PromptOutcome:
+    """One text prompt audited: its rows, its clique groups at the run's tau and grid, and its
+    tau curves, computed (``curves``: per cached grid, size/medoid/mean/exact) or left to the
+    run's curve workers (``distances``: per cached grid, the matrix and the file it was saved to)."""
+    rows: Rows
+    groups: list
+    curves: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] | None = None
+    distances: dict[int, tuple[np.ndarray, Path]] = field(default_factory=dict)
+
+
+class AuditContext:
+    """What every unit of an audit reads: the parameters, the certified-search pyramid of the
+    training set, the similarity column's embedder, the budgets and the device. Built once per
+    process that audits (the run's own, or each worker of a cluster)."""
+
+    def __init__(self, ws: Workspace, params: AuditParams, timings: dict[str, float] | None = None):
+        from .nearest import TrainingPyramid
+
+        self.ws, self.params, self.timings = ws, params, timings
+        self.size = params.working_size
+        self.grids = cached_grids(self.size, params)
+        training = get_training(ws)
+        if not training:
+            raise InputError(f"{ws.root} has no training images; add them with `memaudit add-training {ws.root} DIR`")
+        settings = ws.settings()
+        self.budget = int(settings["clique_node_budget"])
+        self.device = audit_device(settings["audit_device"])
+        self.similarity = _Similarity(ws, params.embedder, settings)
+        self.pyramid = TrainingPyramid.load(ws, self.size, {i: t.path for i, t in training.items()})
+        # text prompts: the nearest is certified, `neighbours` shown; the relative-L2 denominator of
+        # unconditional generations averages over the relative_n nearest, all certified
+        self.k_show = min(len(training), params.neighbours)
+        self.k_relative = min(len(training), params.relative_n)
+        self.keep = self.k_show
+        self.taus = run_taus(params)
+        self.t_run = int(np.searchsorted(self.taus, params.edge_threshold))
+
+    def neighbours(self, gen_ids: np.ndarray, images: np.ndarray, unconditional: bool) -> Rows:
+        """The per-generation half of the audit for decoded ``images``."""
+        from .distances import relative_l2
+        from .nearest import certified_nearest
+
+        clock = time.perf_counter()
+        p = self.params
+        near = certified_nearest(images, self.pyramid, self.k_relative if unconditional else 1,
+                                 show=max(self.k_show, self.k_relative) if unconditional else self.k_show,
+                                 budget=p.nearest_budget, device=self.device)
+        clock = _lap(self.timings, "nearest", clock)
+        sim = self.similarity(images, near.ids, near.pooled)
+        tiled = _tiled_to_training(images, near.ids, self.pyramid, self.grids, self.device)
+        n_rel = min(p.relative_n, near.l2.shape[1])
+        rel = relative_l2(near.l2[:, 0], near.l2[:, :n_rel], p.relative_alpha).numpy() if len(images) else np.zeros(0, np.float32)
+        k = self.keep
+        rows = Rows(np.asarray(gen_ids, np.int64), near.ids[:, :k], near.l2[:, :k], sim[:, :k], rel, near.certified,
+                    near.lower, near.exact_count, {g: t[:, :k] for g, t in tiled.items()})
+        _lap(self.timings, "exact_neighbours", clock)
+        return rows
+
+    def audit_prompt(self, prompt_id: int, generations: list[tuple[int, str]], cache: Path,
+                     inline_curves: bool = True) -> PromptOutcome:
+        """Audit one text prompt: decode, neighbours, pairwise distances (saved to ``cache``), clique
+        groups, and (``inline_curves``) the tau curves."""
+        from .cliques import clique_groups
+        from .curves import tau_curve
+        from .distances import pairwise_tiled_l2_grids
+
+        p = self.params
+        clock = time.perf_counter()
+        images = _decode(self.ws, [path for _, path in generations], self.size)
+        _lap(self.timings, "decode", clock)
+        rows = self.neighbours(np.array([i for i, _ in generations], np.int64), images, False)
+        clock = time.perf_counter()
+        by_grid = {g: d.cpu().numpy().astype(np.float32)
+                   for g, d in pairwise_tiled_l2_grids(images, grids=self.grids, device=self.device).items()}
+        del images
+        clock = _lap(self.timings, "distances", clock)
+        saved = {}
+        for g, d in by_grid.items():
+            np.fill_diagonal(d, 0.0)
+            path = cache / distance_file(prompt_id, g, p.grid)
+            np.save(path, d)
+            saved[g] = (d, path)
+        dist = by_grid[p.grid]
+        clock = _lap(self.timings, "save_cache", clock)
+        # the largest clique is always kept (even of size 1: every prompt gets a candidate, so
+        # Figure 5 can attribute it); further groups only down to group_min_size
+        groups = clique_groups(dist, p.edge_threshold, 1, p.max_groups, budget=self.budget, on_budget="mark")
+        groups = groups[:1] + [g for g in groups[1:] if g.size >= p.group_min_size]
+        clock = _lap(self.timings, "cliques", clock)
+        if not inline_curves:
+            return PromptOutcome(rows, groups, distances=saved)
+        curves = [tau_curve(by_grid[g], self.budget, self.taus) for g in self.grids]
+        _lap(self.timings, "curve", clock)
+        return PromptOutcome(rows, groups, curves=curves)
+
+    def audit_chunk(self, generations: list[tuple[int, str]]) -> Rows:
+        """Audit a chunk of an unconditional model's generations (each judged on its own by relative L2)."""
+        clock = time.perf_counter()
+        images = _decode(self.ws, [path for _, path in generations], self.size)
+        _lap(self.timings, "decode", clock)
+        return self.neighbours(np.array([i for i, _ in generations], np.int64), images, True)
+
+
+class RunArrays:
+    """The run's per-generation cache arrays (gen_ids.npy, nn_*.npy in WS/cache/run-<id>/), written
+    in place as units finish (memory-mapped .npy files), so no run holds them all in memory."""
+
+    NAMES = {"gen_ids": ((), np.int64), "ids": (("k",), np.int64), "l2": (("k",), np.float32),
+             "sim": (("k",), np.float32), "rel": ((), np.float32), "certified": ((), bool),
+             "lower": ((), np.float32), "exact": ((), np.int32)}
+    FILES = {"gen_ids": "gen_ids.npy", "ids": "nn_ids.npy", "l2": "nn_l2.npy", "sim": "nn_sim.npy", "rel": "nn_rel.npy",
+             "certified": "nn_certified.npy", "lower": "nn_lower.npy", "exact": "nn_exact.npy"}
+
+    def __init__(self, cache: Path, n: int, keep: int, grids: list[int], run_grid: int):
+        def make(name: str, shape: tuple, dtype) -> np.ndarray:
+            if n == 0:  # (an empty file cannot be memory-mapped)
+                np.save(cache / name, np.zeros(shape, dtype))
+                return np.zeros(shape, dtype)
+            return np.lib.format.open_memmap(cache / name, mode="w+", dtype=dtype, shape=shape)
+
+        self.arrays = {key: make(self.FILES[key], (n, keep) if extra else (n,), dtype)
+                       for key, (extra, dtype) in self.NAMES.items()}
+        self.tiled = {g: make(tiled_file(g, run_grid), (n, keep), np.float32) for g in grids}
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        try:
+            return self.__dict__["arrays"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def put(self, base: int, rows: Rows) -> None:
+        end = base + len(rows.gen_ids)
+        for key in self.NAMES:
+            self.arrays[key][base:end] = getattr(rows, key)
+        for g, a in self.tiled.items():
+            a[base:end] = rows.tiled[g]
+
+    def flush(self) -> None:
+        for a in [*self.arrays.values(), *self.tiled.values()]:
+            if isinstance(a, np.memmap):
+                a.flush()
+
+
+# ---------------------------------------------------------------------------- the run
+def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progress | None = None,
+              timings: dict[str, float] | None = None) -> int:
+    """Audit every prompt of the workspace; return the new run's id.
+
+    ``progress(stage, done, total)`` counts generations. ``timings``, when given, is filled with
+    the wall-clock seconds spent in each stage, summed over prompts: setup, decode, nearest,
+    exact_neighbours, distances, save_cache, cliques, curve, store.
+    """
+    from .distances import check_grid
+
+    clock = time.perf_counter()
+    params = params or params_from(ws)
+    size = _working_size(ws, params.working_size)
+    check_grid(size, params.grid)
+    params = AuditParams(**{**params.to_dict(), "working_size": size})
+    ctx = AuditContext(ws, params, timings)
+    prompts, last = plan(ws)
+    total = sum(p.count for p in prompts)
+
+    clock = _lap(timings, "setup", clock)
+    remove_abandoned_runs(ws)
     with ws.transaction() as con:
-        for pid, gens, groups, base, l2, tiled, rel, ids, sim, near in results:
-            unconditional = gens[0].prompt is None
-            if unconditional:
-                largest = 1
-                order = np.argsort(rel, kind="stable")
-                chosen = [int(i) for i in order if rel[i] < 1.0]
-                chosen += [int(i) for i in order if rel[i] >= 1.0][: max(0, UNCONDITIONAL_CANDIDATES - len(chosen))]
-                entries = [((i,), i, 0.0, True) for i in chosen]
+        run_id = con.execute("INSERT INTO audit_runs(created_at, status, params) VALUES (?, 'running', ?)",
+                             (now(), json.dumps(params.to_dict()))).lastrowid
+        cache = cache_dir(ws, run_id)
+        cache.mkdir(parents=True, exist_ok=True)
+        owner = own_run(cache)  # before the commit: no other process ever sees this run without its owner
+
+    sizes = sorted(p.count for p in prompts if not p.unconditional)
+    workers = curve_workers(ws.get_setting("audit_workers"), len(sizes) * len(ctx.grids), sizes[len(sizes) // 2] if sizes else 0)
+    curves = Curves((len(ctx.grids), len(prompts), len(ctx.taus)), workers, ctx.budget, ctx.taus)
+    try:
+        arrays = RunArrays(cache, total, ctx.keep, ctx.grids, params.grid)
+        groups: dict[int, list] = {}
+        done = 0
+        for p_index, pp in enumerate(prompts):
+            if progress:
+                progress("audit", done, total)
+            if pp.unconditional:
+                at = pp.base
+                for chunk in generation_rows(ws, pp.prompt_id, last, chunk_size(size)):
+                    arrays.put(at, ctx.audit_chunk(chunk))
+                    at += len(chunk)
+                    if progress:
+                        progress("audit", done + at - pp.base, total)
+                _check_count(pp, at - pp.base)
             else:
-                largest = groups[0].size if groups else 1
-                entries = [(g.members, g.medoid, g.mean_distance, g.exact) for g in groups]
-            flagged_prompt = (not unconditional) and largest >= params.min_clique
-            best_mean = groups[0].mean_distance if (not unconditional and groups) else None
-            clique_exact = unconditional or not groups or groups[0].exact
+                gens = next(generation_rows(ws, pp.prompt_id, last), [])
+                _check_count(pp, len(gens))
+                outcome = ctx.audit_prompt(pp.prompt_id, gens, cache, inline_curves=workers == 0)
+                arrays.put(pp.base, outcome.rows)
+                groups[pp.prompt_id] = outcome.groups
+                clock = time.perf_counter()
+                add_curves(curves, ctx, p_index, pp.base, outcome)
+                _lap(timings, "curve", clock)
+            done += pp.count
+
+        clock = time.perf_counter()
+        curves.finish()
+        clock = _lap(timings, "curve", clock)
+        arrays.flush()
+        np.savez(cache / "curves.npz", taus=ctx.taus, prompt_ids=np.asarray([p.prompt_id for p in prompts], np.int64),
+                 grids=np.asarray(ctx.grids, np.int64), size=curves.size, medoid=curves.medoid, mean=curves.mean,
+                 exact=curves.exact)
+        clock = _lap(timings, "save_cache", clock)
+        store_results(ws, run_id, params, prompts, groups, arrays)
+        _lap(timings, "store", clock)
+    except BaseException:
+        curves.close()
+        with ws.transaction() as con:
+            con.execute("DELETE FROM audit_runs WHERE id = ?", (run_id,))
+        shutil.rmtree(cache, ignore_errors=True)
+        raise
+    finally:
+        if owner is not None:
+            owner.close()
+    if progress:
+        progress("audit", total, total)
+    return run_id
+
+
+def _check_count(pp: PromptPlan, seen: int) -> None:
+    if seen != pp.count:  # generations are only ever added, and those after the plan's last id are left out
+        raise MemauditError(f"prompt {pp.prompt_id} had {pp.count} generations when the audit began and {seen} now; "
+                            "were generations deleted meanwhile? audit again")
+
+
+def add_curves(curves: Curves, ctx: AuditContext, p_index: int, base: int, outcome: PromptOutcome) -> None:
+    """Enter a prompt's tau curves (computed, or handed to the curve workers), then pin the run's
+    own largest clique at its own tau and grid, so that a recount at the run's thresholds gives
+    the run's counts exactly."""
+    for gi, g in enumerate(ctx.grids):
+        if outcome.curves is not None:
+            curves.put(gi, p_index, base, *outcome.curves[gi])
+        else:
+            curves.add(gi, p_index, base, *outcome.distances[g])
+    curves.pin(ctx.grids.index(ctx.params.grid), p_index, ctx.t_run, base, outcome.groups[0])
+
+
+# ---------------------------------------------------------------------------- storing
+def _rank_score(flagged: bool, size: int, mean_distance: float) -> float:
+    if flagged:
+        return min(float(mean_distance), config.RANK_FLAGGED_BELOW)
+    return 1.0 + config.RANK_SIZE_WEIGHT / size + config.RANK_DISTANCE_WEIGHT * min(float(mean_distance), 1.0)
+
+
+def store_results(ws: Workspace, run_id: int, params: AuditParams, prompts: list[PromptPlan], groups: dict[int, list],
+                  arrays: RunArrays) -> None:
+    """Store the run's prompt results, candidates, members and neighbours (one transaction) from the
+    text prompts' clique groups and the run's per-generation arrays; mark the run done."""
+    neighbours = arrays.ids.shape[1] if arrays.ids.ndim == 2 else 0
+    with ws.transaction() as con:
+        for pp in prompts:
+            pid, base = pp.prompt_id, pp.base
+            if pp.unconditional:
+                rel = np.asarray(arrays.rel[base:base + pp.count])
+                order = np.argsort(rel, kind="stable")
+                extracted_n = int((rel < 1.0).sum())
+                chosen = order[:max(extracted_n, config.UNCONDITIONAL_CANDIDATES)]
+                entries = [((int(i),), int(i), 0.0, True) for i in chosen]
+                largest, best_mean, clique_exact = 1, None, True
+            else:
+                gs = groups[pid]
+                entries = [(g.members, g.medoid, g.mean_distance, g.exact) for g in gs]
+                largest = gs[0].size if gs else 1
+                best_mean = gs[0].mean_distance if gs else None
+                clique_exact = not gs or gs[0].exact
+            flagged_prompt = (not pp.unconditional) and largest >= params.min_clique
             con.execute("INSERT INTO prompt_results(run_id, prompt_id, generations, largest_clique, flagged, mean_distance, clique_exact) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (run_id, pid, len(gens), largest, int(flagged_prompt), best_mean, int(clique_exact)))
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (run_id, pid, pp.count, largest, int(flagged_prompt), best_mean, int(clique_exact)))
             for rank, (members, med, mean_d, exact) in enumerate(entries):
-                r = float(rel[med])
-                if unconditional:
-                    flagged, extracted = r < 1.0, r < 1.0
-                    score = (0.0 if extracted else 1.0) + min(r / (1.0 + r), 0.999999)
+                row = base + med
+                r = float(arrays.rel[row])
+                l2, ids = np.asarray(arrays.l2[row]), np.asarray(arrays.ids[row])
+                tiled, sim = np.asarray(arrays.tiled[params.grid][row]), np.asarray(arrays.sim[row])
+                if pp.unconditional:
+                    flagged = extracted = r < 1.0
+                    score = (0.0 if extracted else 1.0) + min(r / (1.0 + r), config.RANK_FLAGGED_BELOW)
                 else:
                     flagged = len(members) >= params.min_clique
                     # the attack reports an extraction only for flagged cliques (PAPER.md step 5)
-                    extracted = flagged and bool(l2[med, 0] <= params.delta)
-                    # flagged cliques by mean distance (the paper's ranking); the unflagged after them,
-                    # larger cliques first, so a lone generation never outranks a clique of six
-                    score = min(float(mean_d), 0.999999) if flagged else 1.0 + 0.5 / len(members) + 0.49 * min(float(mean_d), 1.0)
+                    extracted = flagged and bool(l2[0] <= params.delta)
+                    score = _rank_score(flagged, len(members), mean_d)
                 cid = con.execute(
                     "INSERT INTO candidates(run_id, prompt_id, group_rank, clique_size, mean_distance, flagged, "
                     "medoid_generation_id, nearest_training_id, l2, tiled_l2, relative_l2, extracted, score, "
                     "clique_exact, nearest_certified, nearest_lower, exact_distances) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (run_id, pid, rank, len(members), float(mean_d), int(flagged), gens[med].id, int(ids[med, 0]),
-                     float(l2[med, 0]), float(tiled[med, 0]), r if unconditional else None, int(extracted), score,
-                     int(exact), int(near.certified[med]), float(near.lower[med]), int(near.exact_count[med]))).lastrowid
+                    (run_id, pid, rank, len(members), float(mean_d), int(flagged), int(arrays.gen_ids[row]), int(ids[0]),
+                     float(l2[0]), float(tiled[0]), r if pp.unconditional else None, int(extracted), score,
+                     int(exact), int(arrays.certified[row]), float(arrays.lower[row]), int(arrays.exact[row]))).lastrowid
                 con.executemany("INSERT INTO candidate_members(candidate_id, generation_id) VALUES (?, ?)",
-                                [(cid, gens[m].id) for m in members])
+                                [(cid, int(arrays.gen_ids[base + m])) for m in members])
                 con.executemany(
                     "INSERT INTO neighbours(candidate_id, rank, training_id, l2, tiled_l2, similarity, relative_l2) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(cid, j, int(ids[med, j]), float(l2[med, j]), float(tiled[med, j]), float(sim[med, j]),
-                      r if (unconditional and j == 0) else None) for j in range(min(params.neighbours, ids.shape[1]))])
+                    [(cid, j, int(ids[j]), float(l2[j]), float(tiled[j]), float(sim[j]),
+                      r if (pp.unconditional and j == 0) else None) for j in range(neighbours)])
         con.execute("UPDATE audit_runs SET status = 'done', finished_at = ? WHERE id = ?", (now(), run_id))

@@ -194,7 +194,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
 
     ws = _ws(args.workspace)
     params = params_from(ws, **{name: getattr(args, name) for name in AUDIT_SETTINGS})
-    progress = _progress_printer(not args.json)
+    progress = _progress_printer(not args.json, unit="generation")
     try:
         run_id = run_audit(ws, params, progress=progress)
     finally:

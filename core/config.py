@@ -47,6 +47,21 @@ class Setting:
 TAU_MAX = 0.3
 TAU_STEP = 0.005
 
+# Unconditional generations are judged one by one; a run stores as candidates the
+# UNCONDITIONAL_CANDIDATES nearest to extraction (lowest relative L2), or every extracted one when more.
+UNCONDITIONAL_CANDIDATES = 100
+# The audit decodes one prompt's generations at once (its clique search needs all of them); the
+# generations of an unconditional model, judged one by one, are decoded and searched in chunks of
+# at most this many float32 bytes at the working size, so its memory does not grow with their number.
+AUDIT_CHUNK_BYTES = 64 << 20
+# Candidate ranking (lower ranks first): flagged cliques by mean distance (the paper's order), below
+# RANK_FLAGGED_BELOW; the unflagged after them, larger cliques first
+# (1 + RANK_SIZE_WEIGHT / size + RANK_DISTANCE_WEIGHT * min(mean, 1)), so a lone generation never
+# outranks a clique of six; unconditional candidates extracted first, then by relative L2.
+RANK_FLAGGED_BELOW = 0.999999
+RANK_SIZE_WEIGHT = 0.5
+RANK_DISTANCE_WEIGHT = 0.49
+
 
 def parse_grids(text: str) -> str:
     """'1, 2,4 ,8' -> '1,2,4,8': distinct positive grids, ascending ('' for none)."""

@@ -116,7 +116,7 @@ class Curves:
 
     def add(self, gi: int, p: int, base: int, dist: np.ndarray, path: Path) -> None:
         if self.workers == 0:
-            self._fill(gi, p, base, *tau_curve(dist, self.budget, self.taus))
+            self.put(gi, p, base, *tau_curve(dist, self.budget, self.taus))
             return
         if not self.procs:
             self._start()
@@ -172,10 +172,11 @@ class Curves:
         answer = json.loads(line)
         if "error" in answer:  # a bug in the worker: raised here with the worker's own traceback
             raise RuntimeError(f"computing a tau curve failed in a worker process:\n{answer.get('traceback', answer['error'])}")
-        self._fill(gi, p, base, *(np.asarray(answer[k]) for k in ("size", "medoid", "mean", "exact")))
+        self.put(gi, p, base, *(np.asarray(answer[k]) for k in ("size", "medoid", "mean", "exact")))
 
-    def _fill(self, gi: int, p: int, base: int, size: np.ndarray, medoid: np.ndarray, mean: np.ndarray,
-              exact: np.ndarray) -> None:
+    def put(self, gi: int, p: int, base: int, size: np.ndarray, medoid: np.ndarray, mean: np.ndarray,
+            exact: np.ndarray) -> None:
+        """Enter the curve of (grid gi, prompt p) computed elsewhere; ``medoid`` counts from the prompt's first row ``base``."""
         self.size[gi, p], self.medoid[gi, p], self.mean[gi, p], self.exact[gi, p] = size, base + medoid, mean, exact
 
 

@@ -52,16 +52,18 @@ class RunCache:
         if not (d / "curves.npz").is_file():
             raise MemauditError(f"the cache of audit run {run_id} is missing (WS/cache is derived data); run `memaudit audit {ws.root}` again")
         self.dir = d
-        self.gen_ids = np.load(d / "gen_ids.npy")
-        self.row_of = {int(g): i for i, g in enumerate(self.gen_ids)}
-        self.nn_ids = np.load(d / "nn_ids.npy")
-        self.nn_l2 = np.load(d / "nn_l2.npy")
-        self.nn_sim = np.load(d / "nn_sim.npy")
-        self.nn_rel = np.load(d / "nn_rel.npy")
+        # per-generation arrays are memory-mapped: a run of a million generations is read, not loaded
+        self.gen_ids = np.load(d / "gen_ids.npy", mmap_mode="r")
+        self._by_id = np.argsort(self.gen_ids, kind="stable")
+        self._sorted_ids = np.asarray(self.gen_ids)[self._by_id]
+        self.nn_ids = np.load(d / "nn_ids.npy", mmap_mode="r")
+        self.nn_l2 = np.load(d / "nn_l2.npy", mmap_mode="r")
+        self.nn_sim = np.load(d / "nn_sim.npy", mmap_mode="r")
+        self.nn_rel = np.load(d / "nn_rel.npy", mmap_mode="r")
         # runs made before certified search: every nearest neighbour counts as not certified
         n = len(self.gen_ids)
-        self.nn_certified = np.load(d / "nn_certified.npy") if (d / "nn_certified.npy").is_file() else np.zeros(n, bool)
-        self.nn_lower = np.load(d / "nn_lower.npy") if (d / "nn_lower.npy").is_file() else np.zeros(n, np.float32)
+        self.nn_certified = np.load(d / "nn_certified.npy", mmap_mode="r") if (d / "nn_certified.npy").is_file() else np.zeros(n, bool)
+        self.nn_lower = np.load(d / "nn_lower.npy", mmap_mode="r") if (d / "nn_lower.npy").is_file() else np.zeros(n, np.float32)
         c = np.load(d / "curves.npz")
         self.taus, self.prompt_ids = c["taus"], c["prompt_ids"]
         # the tile grids cached (runs made before the grid slider cached their own grid alone)
@@ -70,7 +72,7 @@ class RunCache:
         self.size, self.medoid, self.mean = ((c[name] if "grids" in c else c[name][None]) for name in ("size", "medoid", "mean"))
         self.exact = c["exact"] if "exact" in c else np.ones(self.size.shape, bool)  # earlier runs did not record it
         self.run_tau = self.tau_index(self.params.edge_threshold)
-        self.nn_tiled = {g: np.load(d / tiled_file(g, self.grid)) for g in self.grids}
+        self.nn_tiled = {g: np.load(d / tiled_file(g, self.grid), mmap_mode="r") for g in self.grids}
         with ws.connect() as con:
             rows = con.execute("SELECT p.id, p.text, COUNT(g.id) AS n FROM prompts p JOIN generations g ON g.prompt_id = p.id GROUP BY p.id").fetchall()
         self.prompt_text = {r["id"]: (r["text"] or None) for r in rows}
@@ -86,6 +88,13 @@ class RunCache:
                                  "WHERE run_id = ? ORDER BY prompt_id, group_rank", (run_id,)):
                 self.run_groups.setdefault(r[0], []).append(
                     (r[1], r[2] if r[2] is not None else np.inf, bool(r[3]), r[4] if r[4] is not None else 0.0))
+
+    def row_of(self, generation_id: int) -> int:
+        """The row of a generation in the run's per-generation arrays."""
+        i = int(np.searchsorted(self._sorted_ids, generation_id))
+        if i >= len(self._sorted_ids) or self._sorted_ids[i] != generation_id:
+            raise MemauditError(f"generation {generation_id} is not in audit run {self.run_id}; audit again")
+        return int(self._by_id[i])
 
     def tau_index(self, tau: float) -> int:
         return int(np.argmin(np.abs(self.taus - tau)))
@@ -164,12 +173,12 @@ def prompt_groups(ws: Workspace, run_id: int | None, prompt_id: int, *, tau: flo
     if len(order) != len(dist):
         raise MemauditError(f"prompt {prompt_id} has changed since audit run {cache.run_id}; audit again")
     groups = clique_groups(dist, tau, min_size, max_groups, budget=cache.ws.get_setting("clique_node_budget"), on_budget="mark")
-    train_ids = sorted({int(t) for g in groups for t in cache.nn_ids[cache.row_of[order[g.medoid].id]]})
+    train_ids = sorted({int(t) for g in groups for t in cache.nn_ids[cache.row_of(order[g.medoid].id)]})
     train = get_training(ws, train_ids)
     views = []
     for g in groups:
         medoid = order[g.medoid]
-        row = cache.row_of[medoid.id]
+        row = cache.row_of(medoid.id)
         nbrs = [NeighbourView(train[int(cache.nn_ids[row, j])], j, float(cache.nn_l2[row, j]), float(tiled[row, j]),
                               float(cache.nn_sim[row, j])) for j in range(cache.nn_ids.shape[1])]
         views.append(GroupView([order[m] for m in g.members], medoid, g.mean_distance, nbrs, g.exact,

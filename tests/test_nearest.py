@@ -47,8 +47,9 @@ def _arrays(ws: Workspace, size: int = 64):
     rows = results.get_training(ws)
     ids = np.array(sorted(rows))
     train = np.stack([load_working(ws.resolve(rows[i].path), size) for i in ids])
-    gens = [g for gs in audit.generations_by_prompt(ws).values() for g in gs]
-    queries = np.stack([load_working(ws.resolve(g.path), size) for g in gens])
+    prompts, last = audit.plan(ws)
+    gens = [g for p in prompts for chunk in audit.generation_rows(ws, p.prompt_id, last) for g in chunk]
+    queries = np.stack([load_working(ws.resolve(path), size) for _, path in gens])
     return rows, ids, train, gens, queries
 
 

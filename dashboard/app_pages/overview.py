@@ -37,7 +37,8 @@ def audit_panel() -> None:
     s = job.status() if job is not None else None
     if s is not None and s.running:
         st.session_state["overview_was_auditing"] = True
-        st.progress(s.fraction, text=f"auditing: prompt {s.done} of {s.total or '?'}")
+        st.progress(s.fraction, text=f"auditing: {s.done} of {s.total or '?'} generations · "
+                                     f"{ui.duration(s.elapsed)} elapsed · about {ui.duration(s.eta)} left")
         return
     if st.session_state.pop("overview_was_auditing", False):
         st.rerun()  # show the new run everywhere
