@@ -293,8 +293,10 @@ def certified_nearest(queries: np.ndarray, pyramid: TrainingPyramid, k: int, *, 
             ids[q, j], l2[q, j] = pyramid.ids[r], d
         count[q] = len(measured[q])
     rows = np.searchsorted(pyramid.ids, ids)
-    diff = qf[:, None, :].astype(np.float64) - pyramid.fine[rows].astype(np.float64)
-    pooled = np.sqrt((diff ** 2).sum(axis=2)).astype(np.float32)
+    pooled = np.empty((q_n, m), np.float32)
+    for start in range(0, q_n, 64):  # (64, m, fine dim) float64 at a time
+        diff = qf[start:start + 64, None, :].astype(np.float64) - pyramid.fine[rows[start:start + 64]].astype(np.float64)
+        pooled[start:start + 64] = np.sqrt((diff ** 2).sum(axis=2))
     return Nearest(ids, l2, certified, lower, count, pooled)
 
 
