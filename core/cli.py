@@ -339,13 +339,13 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from . import demo
+    from .demo import runner as demo
 
     if args.workspace == "train-digits":
         from .demo_digits import train_model
 
         report = train_model()
-        _emit(args, f"trained the digits model in {report.total_seconds:.0f} s (shadows: python -m core.demo_digits shadows)",
+        _emit(args, f"trained the digits model in {report.total_seconds:.0f} s (shadows: python -m core.demo.digits shadows)",
               {"out": str(report.out_dir), "seconds": report.total_seconds, "final_loss": report.final_loss})
         return
     if args.workspace == "train":

@@ -182,19 +182,17 @@ def weights_hash(folder: str | Path) -> str:
 
 
 def _pipeline_class(class_name: Any) -> tuple[type, bool]:
-    """The class to load with, and whether it is one of memaudit's own pipelines (core.pipelines)."""
+    """The class to load with, and whether it is one of memaudit's own pipelines (core.demo.model).
+
+    Saved folders name their class only (``_class_name`` in ``model_index.json``), never its
+    module, so models saved before the pipelines moved into ``core.demo`` load the same.
+    """
     import diffusers
 
-    if isinstance(class_name, str):
-        try:
-            import importlib
+    from .demo import model as own
 
-            own = importlib.import_module("core.pipelines")
-        except ModuleNotFoundError as e:
-            if e.name not in ("core.pipelines",):
-                raise
-            own = None
-        if own is not None and isinstance(getattr(own, class_name, None), type):
+    if isinstance(class_name, str):
+        if isinstance(getattr(own, class_name, None), type):
             return getattr(own, class_name), True
         cls = getattr(diffusers, class_name, None)
         if isinstance(cls, type):
@@ -378,7 +376,7 @@ def _conditioning(loaded: LoadedPipeline, prompts: Sequence[str] | None) -> list
         raise InputError(f"{loaded.ref} is a {loaded.kind} model and needs {what}; pass a file with one per line")
     if loaded.kind == "class":
         return [(t, class_label(loaded, t)) for t in texts]
-    check = getattr(loaded.pipeline, "caption_ids", None)  # pipelines with a fixed vocabulary (core.pipelines)
+    check = getattr(loaded.pipeline, "caption_ids", None)  # pipelines with a fixed vocabulary (core.demo.model)
     if callable(check):
         check(texts)
     return [(t, None) for t in texts]

@@ -6,8 +6,6 @@ import errno
 import hashlib
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -258,7 +256,7 @@ def test_folders_that_are_not_diffusers_models_are_refused(tmp_path, tiny_uncond
 
 
 def test_own_pipelines_load_through_their_class(tmp_path, monkeypatch, tiny_unconditional):
-    """A model_index.json naming a class of core.pipelines (unknown to diffusers) loads through that class."""
+    """A model_index.json naming a class of core.demo.model (unknown to diffusers) loads through that class."""
     import torch
     from diffusers import DDIMPipeline, ImagePipelineOutput
 
@@ -275,10 +273,10 @@ def test_own_pipelines_load_through_their_class(tmp_path, monkeypatch, tiny_unco
             shade = torch.tensor([len(p) % 2 for p in prompt], dtype=torch.float32).numpy()[:, None, None, None]
             return ImagePipelineOutput(images=out.images * 0.5 + shade * 0.5)
 
-    module = types.ModuleType("core.pipelines")
-    module.PromptedTestPipeline = PromptedTestPipeline
-    PromptedTestPipeline.__module__ = "core.pipelines"
-    monkeypatch.setitem(sys.modules, "core.pipelines", module)
+    from core.demo import model as own_pipelines
+
+    PromptedTestPipeline.__module__ = own_pipelines.__name__
+    monkeypatch.setattr(own_pipelines, "PromptedTestPipeline", PromptedTestPipeline, raising=False)
     base = gen.load_pipeline(str(tiny_unconditional), "cpu").pipeline
     folder = tmp_path / "own"
     PromptedTestPipeline(unet=base.unet, scheduler=base.scheduler).save_pretrained(folder)
