@@ -571,13 +571,3 @@ def _describe(params: Any) -> str:
     if not isinstance(params, dict):
         return "none"
     return ", ".join(f"{k} {v}" for k, v in params.items() if k in ("pixel_size", "clip_model", "clip_pretrained")) or "none"
-
-
-def index_status(ws: Workspace) -> list[dict[str, Any]]:
-    """The ``indexes`` rows as dicts (for status displays)."""
-    with ws.connect() as con:
-        return [dict(r) for r in con.execute("SELECT * FROM indexes ORDER BY embedder")]
-
-
-def index_folder(ws: Workspace) -> Path:
-    return ws.root / INDEX_DIR
