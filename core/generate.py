@@ -36,7 +36,6 @@ import contextlib
 import errno
 import hashlib
 import inspect
-import io
 import json
 import os
 import re
@@ -50,7 +49,8 @@ import numpy as np
 
 from . import config, tempfiles
 from .errors import InputError, MemauditError, ModelError, WorkspaceError
-from .images import save_png_atomic, to_uint8
+from .images import png_bytes, save_png_atomic, to_uint8
+from .textfiles import decode_utf8, read_utf8
 from .store import Workspace, now
 
 KINDS = ("text2image", "class", "unconditional")
@@ -320,18 +320,24 @@ def load_pipeline(ref: str, device: str, accept: frozenset[str] = frozenset()) -
 
 
 # ---------------------------------------------------------------------------------- prompts
+PROMPTS_HINT = "save it as UTF-8 with one prompt per line"
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line: stripped, blank lines dropped, first occurrence kept, order kept."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such prompts file" if not path.exists() else f"{path} is a folder; pass a text file with one prompt per line")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 with one prompt per line") from None
+    text = read_utf8(path, "prompts file", "pass a text file with one prompt per line", PROMPTS_HINT)
+    return _prompt_lines(text, str(path))
+
+
+def parse_prompts(data: bytes, name: str) -> list[str]:
+    """``read_prompts`` for the bytes of an uploaded file called ``name``: the same prompts and errors."""
+    return _prompt_lines(decode_utf8(data, name, PROMPTS_HINT), name)
+
+
+def _prompt_lines(text: str, name: str) -> list[str]:
     prompts = _unique(line.strip() for line in text.splitlines())
     if not prompts:
-        raise InputError(f"{path} holds no prompts; write one prompt per line")
+        raise InputError(f"{name} holds no prompts; write one prompt per line")
     return prompts
 
 
@@ -437,14 +443,6 @@ def _as_batch(images: Any, n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- storing
-def _png_bytes(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _free_path(ws: Workspace, folder: str, stem: str) -> str:
     """``folder/stem.png``, or ``folder/stem-2.png``... when another row (identical pixels) already uses it."""
     with ws.connect() as con:
@@ -574,11 +572,11 @@ def generate(ws: Workspace, model_ref: str, prompts: Sequence[str] | None, per_p
             try:
                 for pos, ((pid, text, label, j, s), image) in enumerate(zip(batch, images)):
                     pixels = to_uint8(image)
-                    data = _png_bytes(pixels)
+                    data = png_bytes(pixels)  # encoded once: the bytes hashed are the bytes stored
                     sha = hashlib.sha256(data).hexdigest()
                     rel = _free_path(ws, f"generations/{pid}", f"{s}-{sha[:12]}")
                     try:
-                        save_png_atomic(pixels, ws.root / rel)
+                        save_png_atomic(data, ws.root / rel)
                     except OSError as e:
                         raise _disk_error(e, ws.root / rel) from None
                     params = dict(base, prompt=text, class_label=label, seed=s, base_seed=seed, index=j,

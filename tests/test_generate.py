@@ -36,7 +36,11 @@ def ws(tmp_path: Path) -> Workspace:
 
 
 # ------------------------------------------------------------------------------ generation
-def test_text2image_rows_have_one_seed_each_and_full_provenance(ws, tiny_text2image):
+def test_text2image_rows_have_one_seed_each_and_full_provenance(ws, tiny_text2image, monkeypatch):
+    from core.images import png_bytes
+
+    encoded = []
+    monkeypatch.setattr(gen, "png_bytes", lambda pixels: encoded.append(1) or png_bytes(pixels))
     report = gen.generate(ws, str(tiny_text2image), ["a red cube", "a blue ball"], 3, batch_size=4, seed=10, **FAST)
     assert (report.planned, report.skipped_existing, report.generated, report.stopped) == (6, 0, 6, False)
     got = rows(ws)
@@ -58,8 +62,8 @@ def test_text2image_rows_have_one_seed_each_and_full_provenance(ws, tiny_text2im
         assert p["scheduler_config"]["beta_schedule"] == "scaled_linear"
         assert (p["steps"], p["guidance"], p["dtype"], p["device"], p["generator_device"]) == (2, 7.5, "float32", "cpu", "cpu")
         assert p["diffusers_version"] and p["torch_version"] and p["created_at"]
-    # every seed gives its own image
-    assert len({r["sha256"] for r in got}) == 6
+    # every seed gives its own image, encoded once: the bytes hashed are the bytes stored
+    assert len({r["sha256"] for r in got}) == 6 and len(encoded) == 6
 
 
 def test_safety_checker_is_removed(tiny_text2image):
