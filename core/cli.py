@@ -342,7 +342,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import runner as demo
 
     if args.workspace == "train-digits":
-        from .demo_digits import train_model
+        from .demo.digits import train_model
 
         report = train_model()
         _emit(args, f"trained the digits model in {report.total_seconds:.0f} s (shadows: python -m core.demo.digits shadows)",

@@ -86,7 +86,7 @@ def train_shadows(pool: str | Path, out_dir: str | Path, *, count: int, seed: in
     ``recipe`` holds ``core.demo.trainer.train`` keywords (steps, size, channels, unconditional, ...);
     its ``seed`` is replaced per shadow. ``progress(i, count, seconds)`` after each shadow.
     """
-    from .train import train
+    from .demo.trainer import train
 
     images = read_image_set(pool, what="shadow pool")
     recipe = {k: (list(v) if isinstance(v, tuple) else v) for k, v in recipe.items() if k != "seed"}
