@@ -334,20 +334,20 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
-    from dashboard.launch import launch
+    from .launch import launch
 
     _ws(args.workspace)
     raise SystemExit(launch(args.workspace, port=args.port, host=args.host))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from . import demo
+    from .demo import runner as demo
 
     if args.workspace == "train-digits":
-        from .demo_digits import train_model
+        from .demo.digits import train_model
 
         report = train_model()
-        _emit(args, f"trained the digits model in {report.total_seconds:.0f} s (shadows: python -m core.demo_digits shadows)",
+        _emit(args, f"trained the digits model in {report.total_seconds:.0f} s (shadows: python -m core.demo.digits shadows)",
               {"out": str(report.out_dir), "seconds": report.total_seconds, "final_loss": report.final_loss})
         return
     if args.workspace == "train":
@@ -358,7 +358,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     lines = [result.summary, "", f"open the dashboard:  memaudit dashboard {args.workspace}"]
     _emit(args, "\n".join(lines), result.as_dict())
     if args.open:
-        from dashboard.launch import launch
+        from .launch import launch
 
         raise SystemExit(launch(args.workspace, port=args.port, host="127.0.0.1", open_browser=True))
 
@@ -568,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("dashboard", cmd_dashboard, "Start the review dashboard (Streamlit) on a workspace.")
     p.add_argument("workspace", help="workspace folder")
-    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--port", type=int, default=config.DASHBOARD_PORT, help=f"port (default {config.DASHBOARD_PORT})")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; anything else exposes the training set)")
 
     p = add("mia", cmd_mia, "Membership inference: score member and non-member images against a model (loss at a "
@@ -619,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "or `demo train-digits` the membership demo's digits model.")
     p.add_argument("workspace", nargs="?", default=DEFAULT_DEMO_WS, help=f"workspace folder (default {DEFAULT_DEMO_WS}), 'train' or 'train-digits'")
     p.add_argument("--open", action="store_true", help="start the dashboard on the result")
-    p.add_argument("--port", type=int, default=8501, help="dashboard port with --open (default 8501)")
+    p.add_argument("--port", type=int, default=config.DASHBOARD_PORT,
+                   help=f"dashboard port with --open (default {config.DASHBOARD_PORT})")
     p.add_argument("--train-steps", type=int, default=None, help="with `demo train`: training steps")
     p.add_argument("--seed", type=int, default=None, help="with `demo train`: training seed (default: the shipped model's)")
     return parser

@@ -62,6 +62,13 @@ RANK_FLAGGED_BELOW = 0.999999
 RANK_SIZE_WEIGHT = 0.5
 RANK_DISTANCE_WEIGHT = 0.49
 
+# Where `memaudit dashboard` and `memaudit demo --open` serve by default (--port overrides it;
+# .streamlit/config.toml holds the same value for `streamlit run dashboard/app.py`).
+DASHBOARD_PORT = 8501
+# Most ids bound in one SQLite `IN (?, ?, ...)` query; longer lists are sent in chunks of this
+# many (SQLite before 3.32 refuses more than 999 variables in one statement).
+SQLITE_MAX_VARIABLES = 900
+
 
 def parse_grids(text: str) -> str:
     """'1, 2,4 ,8' -> '1,2,4,8': distinct positive grids, ascending ('' for none)."""

@@ -36,7 +36,6 @@ import contextlib
 import errno
 import hashlib
 import inspect
-import io
 import json
 import os
 import re
@@ -50,7 +49,8 @@ import numpy as np
 
 from . import config, tempfiles
 from .errors import InputError, MemauditError, ModelError, WorkspaceError
-from .images import save_png_atomic, to_uint8
+from .images import png_bytes, save_png_atomic, to_uint8
+from .textfiles import decode_utf8, read_utf8
 from .store import Workspace, now
 
 KINDS = ("text2image", "class", "unconditional")
@@ -182,19 +182,17 @@ def weights_hash(folder: str | Path) -> str:
 
 
 def _pipeline_class(class_name: Any) -> tuple[type, bool]:
-    """The class to load with, and whether it is one of memaudit's own pipelines (core.pipelines)."""
+    """The class to load with, and whether it is one of memaudit's own pipelines (core.demo.model).
+
+    Saved folders name their class only (``_class_name`` in ``model_index.json``), never its
+    module, so models saved before the pipelines moved into ``core.demo`` load the same.
+    """
     import diffusers
 
-    if isinstance(class_name, str):
-        try:
-            import importlib
+    from .demo import model as own
 
-            own = importlib.import_module("core.pipelines")
-        except ModuleNotFoundError as e:
-            if e.name not in ("core.pipelines",):
-                raise
-            own = None
-        if own is not None and isinstance(getattr(own, class_name, None), type):
+    if isinstance(class_name, str):
+        if isinstance(getattr(own, class_name, None), type):
             return getattr(own, class_name), True
         cls = getattr(diffusers, class_name, None)
         if isinstance(cls, type):
@@ -322,18 +320,24 @@ def load_pipeline(ref: str, device: str, accept: frozenset[str] = frozenset()) -
 
 
 # ---------------------------------------------------------------------------------- prompts
+PROMPTS_HINT = "save it as UTF-8 with one prompt per line"
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line: stripped, blank lines dropped, first occurrence kept, order kept."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such prompts file" if not path.exists() else f"{path} is a folder; pass a text file with one prompt per line")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 with one prompt per line") from None
+    text = read_utf8(path, "prompts file", "pass a text file with one prompt per line", PROMPTS_HINT)
+    return _prompt_lines(text, str(path))
+
+
+def parse_prompts(data: bytes, name: str) -> list[str]:
+    """``read_prompts`` for the bytes of an uploaded file called ``name``: the same prompts and errors."""
+    return _prompt_lines(decode_utf8(data, name, PROMPTS_HINT), name)
+
+
+def _prompt_lines(text: str, name: str) -> list[str]:
     prompts = _unique(line.strip() for line in text.splitlines())
     if not prompts:
-        raise InputError(f"{path} holds no prompts; write one prompt per line")
+        raise InputError(f"{name} holds no prompts; write one prompt per line")
     return prompts
 
 
@@ -378,7 +382,7 @@ def _conditioning(loaded: LoadedPipeline, prompts: Sequence[str] | None) -> list
         raise InputError(f"{loaded.ref} is a {loaded.kind} model and needs {what}; pass a file with one per line")
     if loaded.kind == "class":
         return [(t, class_label(loaded, t)) for t in texts]
-    check = getattr(loaded.pipeline, "caption_ids", None)  # pipelines with a fixed vocabulary (core.pipelines)
+    check = getattr(loaded.pipeline, "caption_ids", None)  # pipelines with a fixed vocabulary (core.demo.model)
     if callable(check):
         check(texts)
     return [(t, None) for t in texts]
@@ -439,14 +443,6 @@ def _as_batch(images: Any, n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- storing
-def _png_bytes(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _free_path(ws: Workspace, folder: str, stem: str) -> str:
     """``folder/stem.png``, or ``folder/stem-2.png``... when another row (identical pixels) already uses it."""
     with ws.connect() as con:
@@ -576,11 +572,11 @@ def generate(ws: Workspace, model_ref: str, prompts: Sequence[str] | None, per_p
             try:
                 for pos, ((pid, text, label, j, s), image) in enumerate(zip(batch, images)):
                     pixels = to_uint8(image)
-                    data = _png_bytes(pixels)
+                    data = png_bytes(pixels)  # encoded once: the bytes hashed are the bytes stored
                     sha = hashlib.sha256(data).hexdigest()
                     rel = _free_path(ws, f"generations/{pid}", f"{s}-{sha[:12]}")
                     try:
-                        save_png_atomic(pixels, ws.root / rel)
+                        save_png_atomic(data, ws.root / rel)
                     except OSError as e:
                         raise _disk_error(e, ws.root / rel) from None
                     params = dict(base, prompt=text, class_label=label, seed=s, base_seed=seed, index=j,
