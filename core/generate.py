@@ -447,7 +447,7 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _free_path(ws: Workspace, folder: str, stem: str) -> str:
+def free_path(ws: Workspace, folder: str, stem: str) -> str:
     """``folder/stem.png``, or ``folder/stem-2.png``... when another row (identical pixels) already uses it."""
     with ws.connect() as con:
         for k in range(1, 10_000):
@@ -644,7 +644,7 @@ def generate(ws: Workspace, model_ref: str, prompts: Sequence[str] | None, per_p
             rows: list[dict[str, Any]] = []
             try:
                 for row in write_images(ws.root, batch, images, model_id=todo.model_id, base=base,
-                                        path_for=lambda folder, stem, _png: _free_path(ws, folder, stem)):
+                                        path_for=lambda folder, stem, _png: free_path(ws, folder, stem)):
                     rows.append(row)
             finally:
                 # rows of the images fully written before a failure are kept: nothing is half-written
