@@ -59,7 +59,6 @@ def require_ray() -> Any:
 def _quiet_environment() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report, no prompt about it
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # Ray's C++ side: no warning per connection retry
 
 
 def _reachable(address: str, timeout: float) -> None:
