@@ -18,7 +18,10 @@ complete. When an actor's process or node dies, Ray restarts it (``MAX_RESTARTS`
 runs its unfinished batches again; the files such a batch had already written are named by
 their content (``{seed}-{sha256[:12]}.png``), so the rerun writes the same bytes to the same
 names. A driver that is interrupted loses at most the batches in flight: the next run's
-``plan`` skips every stored row and removes half-written temporary files.
+``plan`` skips every stored row and removes half-written temporary files. (Those are
+named by the writing process's id, which the driver can only check on its own machine: a
+temporary file of a worker on another node is removed once no process of that id runs on
+the driver's machine, so two runs on one workspace at the same time are not supported.)
 """
 
 from __future__ import annotations
