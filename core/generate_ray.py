@@ -132,7 +132,7 @@ class GenerateWorker:
         os._exit(1)
 
 
-def _claim(ws: Workspace, row: dict[str, Any]) -> dict[str, Any]:
+def claim_path(ws: Workspace, row: dict[str, Any]) -> dict[str, Any]:
     """The row with a file name no other row uses, as the local run names it (``generate.free_path``).
 
     An actor cannot see the database, so when identical pixels are already stored for another
@@ -141,8 +141,9 @@ def _claim(ws: Workspace, row: dict[str, Any]) -> dict[str, Any]:
     rel = Path(row["path"])
     want = free_path(ws, rel.parent.as_posix(), f"{row['seed']}-{row['sha256'][:12]}")
     if want != row["path"]:
-        if not _same_file(ws.root / want, (ws.root / rel).read_bytes()):
-            tempfiles.write_bytes_atomic(ws.root / want, (ws.root / rel).read_bytes())
+        data = (ws.root / rel).read_bytes()
+        if not _same_file(ws.root / want, data):
+            tempfiles.write_bytes_atomic(ws.root / want, data)
         row = dict(row, path=want)
     return row
 
@@ -231,7 +232,7 @@ def generate_on_ray(ws: Workspace, model_ref: str, prompts: Sequence[str] | None
                 except Exception as e:  # noqa: BLE001 - kept, the batches in flight are stored, then it is raised
                     failure = failure or e
                     continue
-                generated += insert_rows(ws, [_claim(ws, r) for r in rows])
+                generated += insert_rows(ws, [claim_path(ws, r) for r in rows])
                 bar.update(len(batch))
                 if progress:
                     progress(todo.skipped + generated, todo.planned)

@@ -158,3 +158,21 @@ def test_a_cuda_device_on_a_cluster_without_gpus_is_refused(ray_address):
     with pytest.raises(InputError, match="has no GPU"):
         cluster.slots("cuda")
     assert cluster.slots("auto") == ("CPU", 2)
+
+
+def test_identical_pixels_already_stored_get_their_own_file_as_in_the_local_run(tmp_path, tiny_unconditional):
+    """A worker cannot see the database: when another row already names the worker's file (identical pixels),
+    the driver gives the new row its own copy, the name the local run would have chosen."""
+    from core.generate_ray import claim_path, content_path
+
+    ws = Workspace.init(tmp_path / "ws")
+    gen.generate(ws, str(tiny_unconditional), None, 1, batch_size=1, seed=0, **FAST)
+    (stored,) = rows(ws)
+    data = ws.resolve(stored["path"]).read_bytes()
+    folder, stem = stored["path"].rsplit("/", 1)
+    assert content_path(ws.root, folder, stem[:-4], data) == stored["path"]  # the same bytes: the same name
+    assert content_path(ws.root, folder, stem[:-4], data + b"x") == f"{folder}/{stem[:-4]}-2.png"  # other bytes: not over them
+    twin = dict(stored, steps=stored["steps"] + 1)  # another generation that came out with the same pixels
+    claimed = claim_path(ws, twin)
+    assert claimed["path"] == f"{folder}/{stem[:-4]}-2.png" == gen.free_path(ws, folder, stem[:-4])
+    assert ws.resolve(claimed["path"]).read_bytes() == data and ws.resolve(stored["path"]).read_bytes() == data
