@@ -124,7 +124,7 @@ def connect(address: str, *, timeout: float = CONNECT_TIMEOUT_S) -> Any:
     if ray.is_initialized():
         return ray
     if address == "local":
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
         return ray
     if address == "auto":
         address = _running_here() or ""
@@ -159,7 +159,7 @@ def start_local(num_cpus: int = 2, num_gpus: int = 0, temp_dir: str | None = Non
     """
     ray = require_ray()
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="ray", dir="/tmp" if os.path.isdir("/tmp") else None)
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=logging.WARNING,
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=logging.ERROR,
              log_to_driver=False, _temp_dir=temp_dir)
     return ray.get_runtime_context().gcs_address
 
