@@ -4,6 +4,7 @@ functions the dashboard calls. Errors a user can cause print one line and exit 1
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -106,8 +107,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
                      "the rest are not generated, so an audit of them is a lower bound on what the model memorised")
     else:
         prompts = read_prompts(args.prompts) if args.prompts else None  # None: an unconditional model
-    report = generate(ws, args.model, prompts, opt("per_prompt"), steps=opt("steps"), guidance=opt("guidance"),
-                      batch_size=opt("batch_size"), seed=opt("seed"), device=opt("device"))
+    try:
+        address = opt("ray_address")
+    except ValueError as e:
+        raise MemauditError(str(e)) from None
+    run: Callable[..., Any] = generate
+    if address:
+        from .generate_ray import generate_on_ray
+
+        run = functools.partial(generate_on_ray, address=address, workers=opt("ray_workers"))
+    report = run(ws, args.model, prompts, opt("per_prompt"), steps=opt("steps"), guidance=opt("guidance"),
+                 batch_size=opt("batch_size"), seed=opt("seed"), device=opt("device"))
     data = {k: getattr(report, k) for k in report.__dataclass_fields__}
     _emit(args, f"generated {report.generated} images for {len(prompts) if prompts else 1} prompts "
                 f"({report.skipped_existing} already in the workspace) in {report.seconds:.1f} s{bound}",
@@ -481,6 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, flag in (("per_prompt", "--per-prompt"), ("steps", None), ("guidance", None), ("batch_size", "--batch-size"),
                        ("seed", None), ("device", None)):
         _setting_flag(p, name, flag)
+    p.add_argument("--ray", dest="ray_address", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster: --ray alone or --ray auto joins the one running on this machine, --ray local "
+                        "starts a private one, --ray HOST:PORT joins the head node at that address; one actor per GPU "
+                        "(or CPU) samples, this process alone writes the database (needs pip install 'memaudit[ray]'; "
+                        f"default: the ray_address setting, {config.default('ray_address')!r} for none)")
+    _setting_flag(p, "ray_workers", "--ray-workers")
 
     p.add_argument("--prompts-from-triage", type=int, metavar="RUN", help="take the prompts from this triage run, highest score first")
     p.add_argument("--top", type=int, help="with --prompts-from-triage: only the N highest-scoring prompts")

@@ -82,6 +82,12 @@ def parse_grids(text: str) -> str:
     return ",".join(map(str, grids))
 
 
+def _parse_ray_address(text: str) -> str:
+    from .cluster import parse_address
+
+    return parse_address(text)
+
+
 def grid_list(text: str) -> list[int]:
     return [int(p) for p in parse_grids(text).split(",") if p]
 
@@ -175,6 +181,14 @@ _SETTINGS = [
     Setting("seed", 0, int, "First seed: image j of every prompt uses seed + j.", 0, 2**63 - 1),
     Setting("device", "auto", str, "cuda, mps, cpu, or auto (the first available of those).",
             choices=("auto", "cuda", "mps", "cpu")),
+    # --- running on a Ray cluster (core/cluster.py; needs `pip install 'memaudit[ray]'`) ---
+    Setting("ray_address", "", str,
+            "Ray cluster that generation runs on: '' for none (this process alone), auto (the cluster running on "
+            "this machine), local (a private instance with this machine's CPUs and GPUs) or HOST:PORT (the head "
+            "node's address that `ray start --head` prints).", parse=_parse_ray_address),
+    Setting("ray_workers", 0, int,
+            "Ray actors that hold the pipeline and sample: 0 for one per GPU of the cluster (one per CPU on a "
+            "cluster without GPUs, or with --device cpu); at most that many.", 0, None),
     # --- triage (core/triage.py): scoring prompts before generating ---
     Setting("triage_method", "noise-norm", str,
             "How triage scores a prompt: 'noise-norm' (Wen et al. 2024: magnitude of the text-conditional noise "
