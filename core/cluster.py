@@ -30,6 +30,7 @@ from .errors import InputError
 
 INSTALL = "pip install 'memaudit[ray]'"
 CONNECT_TIMEOUT_S = 5.0
+_made: list[str] = []  # temporary folders start_local made, for shutdown to remove
 _GCS_WAIT = "RAY_gcs_server_port_wait_time_s"  # how many one-second tries ray.init gives a GCS
 _HOST_PORT = re.compile(r"^(?:ray://)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
 
@@ -158,7 +159,9 @@ def start_local(num_cpus: int = 2, num_gpus: int = 0, temp_dir: str | None = Non
     unix sockets there, and a socket path may not exceed about 107 bytes.
     """
     ray = require_ray()
-    temp_dir = temp_dir or tempfile.mkdtemp(prefix="ray", dir="/tmp" if os.path.isdir("/tmp") else None)
+    if temp_dir is None:
+        temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp" if os.path.isdir("/tmp") else None)
+        _made.append(temp_dir)  # removed by shutdown()
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=logging.ERROR,
              log_to_driver=False, _temp_dir=temp_dir)
     return ray.get_runtime_context().gcs_address
@@ -184,7 +187,11 @@ def slots(device: str) -> tuple[str, int]:
 
 def shutdown() -> None:
     """Detach this process from its cluster (and stop the instance it started, if it started one)."""
+    import shutil
+
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+    while _made:
+        shutil.rmtree(_made.pop(), ignore_errors=True)
