@@ -204,9 +204,14 @@ def cmd_audit(args: argparse.Namespace) -> None:
 
     ws = _ws(args.workspace)
     params = params_from(ws, **{name: getattr(args, name) for name in AUDIT_SETTINGS})
+    try:
+        address = ws.get_setting("ray_address") if args.ray_address is None else config.check("ray_address", args.ray_address)
+        workers = ws.get_setting("ray_workers") if args.ray_workers is None else config.check("ray_workers", args.ray_workers)
+    except ValueError as e:
+        raise MemauditError(str(e)) from None
     progress = _progress_printer(not args.json, unit="generation")
     try:
-        run_id = run_audit(ws, params, progress=progress)
+        run_id = run_audit(ws, params, progress=progress, ray_address=address or None, ray_workers=workers)
     finally:
         if progress is not None:
             progress.close()  # type: ignore[attr-defined]
@@ -529,6 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workspace", help="workspace folder")
     for name in AUDIT_SETTINGS:
         _setting_flag(p, name)
+    p.add_argument("--ray", dest="ray_address", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster (auto, local or HOST:PORT, as for generate): one actor per CPU (or GPU) audits "
+                        "prompts and chunks of generations, this process alone writes the run; the result is the local run's "
+                        f"(default: the ray_address setting, {config.default('ray_address')!r} for none)")
+    _setting_flag(p, "ray_workers", "--ray-workers")
 
     p = add("inpaint", cmd_inpaint, "Inpainting attack (the paper's Figure 12): mask part of each image, let the model "
                                     "complete it N times, measure how close it comes for members and non-members; stores an inpainting run.")

@@ -183,12 +183,12 @@ _SETTINGS = [
             choices=("auto", "cuda", "mps", "cpu")),
     # --- running on a Ray cluster (core/cluster.py; needs `pip install 'memaudit[ray]'`) ---
     Setting("ray_address", "", str,
-            "Ray cluster that generation runs on: '' for none (this process alone), auto (the cluster running on "
+            "Ray cluster that generation and the audit run on: '' for none (this process alone), auto (the cluster running on "
             "this machine), local (a private instance with this machine's CPUs and GPUs) or HOST:PORT (the head "
             "node's address that `ray start --head` prints).", parse=_parse_ray_address),
     Setting("ray_workers", 0, int,
-            "Ray actors that hold the pipeline and sample: 0 for one per GPU of the cluster (one per CPU on a "
-            "cluster without GPUs, or with --device cpu); at most that many.", 0, None),
+            "Ray actors that hold the pipeline and sample (or audit): 0 for one per GPU of the cluster (one per CPU "
+            "on a cluster without GPUs, or with --device cpu); at most that many.", 0, None),
     # --- triage (core/triage.py): scoring prompts before generating ---
     Setting("triage_method", "noise-norm", str,
             "How triage scores a prompt: 'noise-norm' (Wen et al. 2024: magnitude of the text-conditional noise "

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from core import cli, cluster
@@ -176,3 +177,40 @@ def test_identical_pixels_already_stored_get_their_own_file_as_in_the_local_run(
     claimed = claim_path(ws, twin)
     assert claimed["path"] == f"{folder}/{stem[:-4]}-2.png" == gen.free_path(ws, folder, stem[:-4])
     assert ws.resolve(claimed["path"]).read_bytes() == data and ws.resolve(stored["path"]).read_bytes() == data
+
+
+def test_an_audit_on_ray_is_the_local_audit(tmp_path, ray_address, monkeypatch):
+    """Text prompts (distances, cliques, tau curves) and an unconditional model's generations in chunks, run by Ray
+    actors: the run's cache arrays and stored results equal the local run's, number for number."""
+    from test_unconditional import cache_arrays, mixed_workspace, stored
+
+    from core import audit, config, results
+
+    ws = mixed_workspace(tmp_path)
+    monkeypatch.setattr(config, "AUDIT_CHUNK_BYTES", 16 * 64 * 64 * 3 * 4)  # the unconditional 49 in 4 chunks
+    params = audit.params_from(ws, relative_n=5, working_size=64)
+    local = audit.run_audit(ws, params)
+    seen = []
+    on_ray = audit.run_audit(ws, params, ray_address=ray_address, progress=lambda s, d, t: seen.append(d))
+    a, b = cache_arrays(ws, local), cache_arrays(ws, on_ray)
+    assert a.keys() == b.keys() and any(k.startswith("prompt-") for k in a)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    with np.load(ws.root / "cache" / f"run-{local}" / "curves.npz") as x, np.load(ws.root / "cache" / f"run-{on_ray}" / "curves.npz") as y:
+        for name in x.files:
+            np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+    assert stored(ws, local) == stored(ws, on_ray)
+    assert results.count_summary(ws, local) | {"run_id": 0} == results.count_summary(ws, on_ray) | {"run_id": 0}
+    assert seen[-1] == ws.counts()["generations"]
+
+
+def test_an_audit_with_an_address_that_does_not_answer_says_so_in_one_line(tmp_path):
+    pytest.importorskip("ray")
+    ws = Workspace.init(tmp_path / "ws")
+    before = ws.db_path.read_bytes()
+    done = subprocess.run([sys.executable, "-m", "core.cli", "audit", str(ws.root), "--ray", f"127.0.0.1:{_free_port()}"],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("memaudit: error: no Ray cluster answers at 127.0.0.1:")
+    assert ws.db_path.read_bytes() == before
