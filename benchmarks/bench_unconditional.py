@@ -32,6 +32,7 @@ import numpy as np
 
 from benchmarks.bench_nearest import SIZE, _detail, _smooth
 from benchmarks.common import print_table, write_json
+from core.store import DB_NAME
 
 COPY_SHARE = 0.01
 FOLDER = 10_000  # files per folder of the source sets
@@ -123,7 +124,7 @@ def run_one(root: Path, generations: int, training: int) -> dict:
            "audit_s": aud_s, "audit_s_per_100k": aud_s * per, "audit_peak_mb": aud_mb,
            "copies": copies, "extracted": summary["extracted_candidates"],
            "uncertified_nearest": summary["uncertified_nearest"],
-           "db_mb": (ws / "memaudit.db").stat().st_size / 2**20 if (ws / "memaudit.db").exists() else None,
+           "db_mb": (ws / DB_NAME).stat().st_size / 2**20,
            "cache_mb": sum(p.stat().st_size for p in (ws / "cache").rglob("*") if p.is_file()) / 2**20}
     return row
 
