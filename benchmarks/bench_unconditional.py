@@ -52,18 +52,23 @@ def _write(folder: Path, index: int, image: np.ndarray) -> str:
     return rel
 
 
-def build_sources(root: Path, generations: int, training: int, seed: int = 0) -> int:
-    """Training PNGs in root/train, generation PNGs in root/gens with root/gens/manifest.csv; the number of copies."""
+def build_sources(root: Path, generations: int, training: int, seed: int = 0, train_dir: Path | None = None) -> int:
+    """Training PNGs in root/train (unless ``train_dir`` holds them already), generation PNGs in
+    root/gens with root/gens/manifest.csv (1% noisy copies of training images); the number of copies."""
     rng = np.random.default_rng(seed)
-    train_dir, gen_dir = root / "train", root / "gens"
+    train_dir = train_dir or root / "train"
     if not (train_dir / "done").is_file():
         for start in range(0, training, BLOCK):
             for j, img in enumerate(_images(rng, min(BLOCK, training - start))):
                 _write(train_dir, start + j, img)
         (train_dir / "done").write_text("")
+    if not generations:
+        return 0
+    rng = np.random.default_rng([seed, generations])
+    gen_dir = _mkdir(root / "gens")
     copies = int(generations * COPY_SHARE)
     copy_rows = set(rng.choice(generations, copies, replace=False).tolist())
-    with open(gen_dir / "manifest.csv" if gen_dir.is_dir() else _mkdir(gen_dir) / "manifest.csv", "w", newline="") as f:
+    with open(gen_dir / "manifest.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "prompt", "seed"])
         for start in range(0, generations, BLOCK):
@@ -104,29 +109,45 @@ def measured(args: list[str]) -> tuple[float, float, str]:
     return seconds, usage.ru_maxrss / 1024.0, out
 
 
+def training_workspace(root: Path, training: int) -> tuple[Path, dict]:
+    """A workspace holding only the training set (built once per training size and reused)."""
+    base = root / f"base-{training}"
+    info = root / f"base-{training}.json"
+    import json
+
+    if not info.is_file():
+        shutil.rmtree(base, ignore_errors=True)
+        t0 = time.perf_counter()
+        build_sources(root / f"src-train-{training}", 0, training)
+        synth = time.perf_counter() - t0
+        measured(["init", str(base)])
+        seconds, peak, _ = measured(["add-training", str(base), str(root / f"src-train-{training}" / "train")])
+        info.write_text(json.dumps({"training_synthesise_s": synth, "add_training_s": seconds, "add_training_mb": peak}))
+    return base, json.loads(info.read_text())
+
+
 def run_one(root: Path, generations: int, training: int) -> dict:
-    src = root / f"src-{generations}-{training}"
+    import json
+
+    base, made = training_workspace(root, training)
+    src = root / f"src-{generations}"
     t0 = time.perf_counter()
-    copies = build_sources(src, generations, training)
+    copies = build_sources(src, generations, training, train_dir=root / f"src-train-{training}" / "train")
     build_s = time.perf_counter() - t0
     ws = root / f"ws-{generations}-{training}"
     shutil.rmtree(ws, ignore_errors=True)
-    measured(["init", str(ws)])
-    add_s, add_mb, _ = measured(["add-training", str(ws), str(src / "train")])
+    shutil.copytree(base, ws)
     imp_s, imp_mb, _ = measured(["import-generations", str(ws), str(src / "gens" / "manifest.csv")])
     aud_s, aud_mb, out = measured(["audit", str(ws), "--json"])
-    import json
-
     summary = json.loads(out[out.index("{"):])
     per = 100_000 / generations
-    row = {"generations": generations, "training": training, "synthesise_s": build_s, "add_training_s": add_s,
-           "add_training_mb": add_mb, "import_s": imp_s, "import_s_per_100k": imp_s * per, "import_peak_mb": imp_mb,
-           "audit_s": aud_s, "audit_s_per_100k": aud_s * per, "audit_peak_mb": aud_mb,
-           "copies": copies, "extracted": summary["extracted_candidates"],
-           "uncertified_nearest": summary["uncertified_nearest"],
-           "db_mb": (ws / DB_NAME).stat().st_size / 2**20,
-           "cache_mb": sum(p.stat().st_size for p in (ws / "cache").rglob("*") if p.is_file()) / 2**20}
-    return row
+    return {"generations": generations, "training": training, "synthesise_s": build_s, **made,
+            "import_s": imp_s, "import_s_per_100k": imp_s * per, "import_peak_mb": imp_mb,
+            "audit_s": aud_s, "audit_s_per_100k": aud_s * per, "audit_peak_mb": aud_mb,
+            "copies": copies, "extracted": summary["extracted_candidates"],
+            "uncertified_nearest": summary["uncertified_nearest"],
+            "db_mb": (ws / DB_NAME).stat().st_size / 2**20,
+            "cache_mb": sum(p.stat().st_size for p in (ws / "cache").rglob("*") if p.is_file()) / 2**20}
 
 
 def main(smoke: bool = False, sizes: tuple[int, ...] | None = None, training: int | None = None,
@@ -156,6 +177,8 @@ def main(smoke: bool = False, sizes: tuple[int, ...] | None = None, training: in
                        "audit_s", "audit_s_per_100k", "audit_peak_mb", "audit_time_ratio", "audit_memory_ratio",
                        "copies", "extracted", "uncertified_nearest", "db_mb", "cache_mb"],
                 title=f"unconditional audit, 32 x 32, {training:,} training images (ratios against {sizes[0]:,} generations)")
+    print(f"the training workspace: images synthesised in {rows[0]['training_synthesise_s']:.0f} s, add-training "
+          f"{rows[0]['add_training_s']:.0f} s at a peak of {rows[0]['add_training_mb']:.0f} MB (once, then copied)")
     payload = {"rows": rows, "size": SIZE}
     write_json("unconditional", smoke, payload)
     return payload
