@@ -94,19 +94,30 @@ def _load(folder: Path, index: int) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+_CHILD = """import sys
+from core.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    # the peak of this program alone: VmHWM belongs to the memory map exec made (ru_maxrss would also count
+    # the benchmark's own pages copied by fork before exec)
+    peak = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(f"\\n__peak_kb__ {peak}", flush=True)
+sys.exit(code)
+"""
+
+
 def measured(args: list[str]) -> tuple[float, float, str]:
     """Run ``memaudit ARGS`` as its own process: (seconds, peak resident MB, output)."""
-    cmd = [sys.executable, "-c", "import sys; from core.cli import main; sys.exit(main(sys.argv[1:]))", *args]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    done = subprocess.run([sys.executable, "-c", _CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          env=env, text=True)
     seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memaudit {' '.join(args)} failed ({proc.returncode}):\n{out[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024.0, out
+    if done.returncode != 0:
+        raise RuntimeError(f"memaudit {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}")
+    out, _, peak = done.stdout.rpartition("__peak_kb__ ")
+    return seconds, int(peak.split()[0]) / 1024.0, out
 
 
 def training_workspace(root: Path, training: int) -> tuple[Path, dict]:
