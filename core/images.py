@@ -82,8 +82,8 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageError(f"{path}: corrupt or truncated image ({e})") from None
 
 
-def to_working(img: Image.Image, size: int) -> np.ndarray:
-    """Apply the working-resolution rule; return float32 H x W x 3 in [0, 1]."""
+def to_levels(img: Image.Image, size: int) -> np.ndarray:
+    """Apply the working-resolution rule; return its 8-bit levels, uint8 H x W x 3 (``to_working`` / 255)."""
     w, h = img.size
     s = min(w, h)
     if w != h:
@@ -91,11 +91,20 @@ def to_working(img: Image.Image, size: int) -> np.ndarray:
         img = img.crop((left, top, left + s, top + s))
     if s != size:
         img = img.resize((size, size), Image.Resampling.BOX if s > size else Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.float32) / 255.0
+    return np.asarray(img, dtype=np.uint8)
+
+
+def to_working(img: Image.Image, size: int) -> np.ndarray:
+    """Apply the working-resolution rule; return float32 H x W x 3 in [0, 1]."""
+    return to_levels(img, size).astype(np.float32) / np.float32(255)
 
 
 def load_working(path: str | Path, size: int) -> np.ndarray:
     return to_working(load_image(path), size)
+
+
+def load_levels(path: str | Path, size: int) -> np.ndarray:
+    return to_levels(load_image(path), size)
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:
