@@ -2,12 +2,13 @@
 
 For every prompt of the workspace::
 
-    decode its generations at the working resolution
+    decode its generations at the working resolution (8-bit levels)
     D = pairwise tiled L2 between them                       (cached)
     groups = clique groups of the graph D <= tau            (largest first)
     for every generation: its nearest training image in the whole training set, certified
-        (core.nearest: pooled-pixel lower bounds, exact distances until no
-        unmeasured image can be nearer), and exact tiled L2 to the shown neighbours (cached)
+        (core.nearest: every training image measured when the set is small, else pooled-pixel
+        lower bounds and exact distances until no unmeasured image can be nearer), and exact
+        tiled L2 to the shown neighbours (cached)
     for every group: the medoid's nearest training image; extracted when l2 <= delta
     the largest clique's size and medoid at every tau of a grid (cached),
         so that moving a threshold recounts without computing a distance
@@ -21,6 +22,10 @@ nearest distance).
 Distances, curves and the neighbours' tiled L2 are cached for the run's tile grid G and
 for every grid of the ``grid_choices`` setting that divides the working size (one pass of
 distance products serves them all), so the tile grid is a slider too.
+
+On the CPU, distances are exact: generations are decoded to their 8-bit levels and measured
+by integer products (``core.distances.Levels``), the pairwise ones and those to a small
+training set alike; on a GPU the float32 product form (within 5e-5 of direct differences).
 
 Generations without a prompt (unconditional models) are judged one by one by
 relative L2 (PAPER.md): rel = l2(x_hat, x) / (alpha * mean over the n nearest

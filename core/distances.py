@@ -72,6 +72,15 @@ the single-grid accuracy and exact zeros.
 
 All functions return float32 torch tensors on the compute device (``device``,
 by default the device of a torch input, else the CPU).
+
+Exact distances of 8-bit images (``Levels``)
+--------------------------------------------
+Decoded images are 8-bit levels (pixel value level / 255). For them the squared
+differences of a tile sum to an integer, which int8 products accumulated in int32
+(``torch._int_mm``) compute exactly, and faster than float32 products on CPUs with
+8-bit dot-product instructions (VNNI): ``level_pairwise_grids`` and
+``level_cross_grids`` give the exact distances, rounded once. The audit uses them
+on the CPU.
 """
 
 from __future__ import annotations

@@ -26,6 +26,11 @@ computed by matrix products in float32 and lowered by a rigorous rounding margin
 (gamma_n (|q| + |t|)^2 on the squared distance, n the dimension), so a rounding error can
 only cost an extra exact distance, never a wrong answer.
 
+Small training sets. Where the whole training set costs less to measure than the search
+(``TrainingPyramid.exhaustive``), ``exact_nearest`` measures every training image by exact
+integer products of the 8-bit images (``core.distances.Levels``): every answer is certified
+and the shown neighbours are the true nearest ones.
+
 Budget. A generation may compute at most ``budget`` exact distances (setting
 ``nearest_budget``). When the budget stops a search, the answer is the best found and is
 marked not certified, with ``lower``, a lower bound of the true k-th nearest distance.
