@@ -319,7 +319,7 @@ class AuditContext:
 
     def audit_prompt(self, prompt_id: int, generations: list[tuple[int, str]], cache: Path,
                      inline_curves: bool = True) -> PromptOutcome:
-        """Audit one text prompt: decode, neighbours, pairwise distances (saved to ``cache``), clique
+        """Audit one text prompt: decode, pairwise distances (saved to ``cache``), neighbours, clique
         groups, and (``inline_curves``) the tau curves."""
         from .cliques import clique_groups
         from .curves import tau_curve
@@ -330,15 +330,16 @@ class AuditContext:
         images = _decode(self.ws, [path for _, path in generations], self.size)
         levels = _levels(images, self.grids, self.device)
         _lap(self.timings, "decode", clock)
-        rows = self.neighbours(np.array([i for i, _ in generations], np.int64), images, False, levels)
         clock = time.perf_counter()
-        if levels is not None:  # exact integer distances
+        if levels is not None:  # exact integer distances (first: their products give the norms neighbours reuse)
             by_grid = {g: d.numpy() for g, d in level_pairwise_grids(levels, self.grids).items()}
         else:
             by_grid = {g: d.cpu().numpy().astype(np.float32)
                        for g, d in pairwise_tiled_l2_grids(_floats(images), grids=self.grids, device=self.device).items()}
+        _lap(self.timings, "distances", clock)
+        rows = self.neighbours(np.array([i for i, _ in generations], np.int64), images, False, levels)
         del images, levels
-        clock = _lap(self.timings, "distances", clock)
+        clock = time.perf_counter()
         saved = {}
         for g, d in by_grid.items():
             np.fill_diagonal(d, 0.0)

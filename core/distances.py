@@ -855,15 +855,19 @@ def level_pairwise_grids(lv: Levels, grids: Sequence[int]) -> dict[int, torch.Te
     Every grid must divide the levels' tile grid."""
     per_side = _level_grids(lv, grids)
     wide = _wide(lv)
+    norms = np.empty((lv.grid * lv.grid, lv.n), np.int64)
 
     def tile_sq(p: int) -> np.ndarray:
         dot = _int_dot(lv.tiles[p], lv.tiles[p]).numpy()
         if wide:
             dot = dot.astype(np.int64)
-        sq = dot.diagonal().copy()  # the squared norms are the diagonal of the same product
+        sq = norms[p] = dot.diagonal()  # the squared norms are the diagonal of the same product
         return np.add(sq[:, None], sq[None, :]) - 2 * dot
 
-    return {g: d.to(torch.float32) for g, d in _level_distances(lv, per_side, tile_sq, lv.n, lv.n).items()}
+    out = {g: d.to(torch.float32) for g, d in _level_distances(lv, per_side, tile_sq, lv.n, lv.n).items()}
+    if lv._sq is None:
+        lv._sq = torch.from_numpy(norms)  # kept for level_cross_grids
+    return out
 
 
 def level_cross_grids(a: Levels, b: Levels, grids: Sequence[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
