@@ -784,14 +784,25 @@ class Levels:
         return self._sq
 
 
+def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of int8 matrices in int32 (``torch._int_mm``), or, where this torch lacks it or refuses the
+    shapes, in float64 (exact too: every partial sum is an integer below 2^53), as int64."""
+    if a.shape[0] and b.shape[1] and getattr(torch, "_int_mm", None) is not None:
+        try:
+            return torch._int_mm(a, b)
+        except RuntimeError:
+            pass
+    return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int64)
+
+
 def _int_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.T of int8 matrices, exactly: int32 where one product cannot overflow, else int64."""
     t = a.shape[1]
     if t <= _INT_BAND:
-        return torch._int_mm(a, b.T)
+        return _int_mm(a, b.T)
     out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int64)
     for s in range(0, t, _INT_BAND):
-        out += torch._int_mm(a[:, s:s + _INT_BAND], b[:, s:s + _INT_BAND].T)
+        out += _int_mm(a[:, s:s + _INT_BAND], b[:, s:s + _INT_BAND].T)
     return out
 
 

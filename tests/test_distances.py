@@ -531,3 +531,16 @@ def test_levels_refuse_what_they_cannot_hold():
     lv = distances.Levels(np.zeros((2, 8, 8, 3), np.uint8), 2)
     with pytest.raises(InputError, match="does not divide the levels' tile grid"):
         distances.level_pairwise_grids(lv, (4,))
+
+
+def test_level_distances_without_int8_products_are_the_same(monkeypatch):
+    """Where torch has no int8 product the float64 one serves, exactly; empty batches are fine."""
+    x = _level_batch(10, 16)
+    want = distances.level_pairwise_grids(distances.Levels(x, 2), (1, 2))
+    monkeypatch.delattr(torch, "_int_mm")
+    got = distances.level_pairwise_grids(distances.Levels(x, 2), (1, 2))
+    assert all(torch.equal(want[g], got[g]) for g in (1, 2))
+    empty = distances.Levels(np.zeros((0, 16, 16, 3), np.uint8), 2)
+    assert distances.level_pairwise_grids(empty, (2,))[2].shape == (0, 0)
+    l2, tiled = distances.level_cross_grids(empty, distances.Levels(x, 2), (2,))
+    assert l2.shape == (0, 10) and tiled[2].shape == (0, 10)
