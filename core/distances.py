@@ -751,7 +751,7 @@ class Levels:
     Distances between such images are computed in integers: per tile the sum of squared level
     differences is ``|a|^2 + |b|^2 - 2 a.b`` with the product in int8 arithmetic accumulated in
     int32 (``torch._int_mm``; every partial sum is an integer below 2^31, so no order of summation
-    can round) and the rest in int64. The results are the exact distances of the images whose
+    can round), the rest in integers and in float64 below 2^53. The results are the exact distances of the images whose
     pixels are level / 255, rounded once to the returned float; the float32 direct differences
     of ``paired_distances`` carry a rounding of each pixel value and of each square besides.
     """
@@ -888,10 +888,7 @@ def level_cross_grids(a: Levels, b: Levels, grids: Sequence[int]) -> tuple[torch
         raise InputError(f"levels of shape {a.shape} on grid {a.grid} against {b.shape} on grid {b.grid}; "
                          "lay out both at one working size and grid")
     per_side = _level_grids(a, sorted({1, *grids}))
-    sq_a, sq_b = a.sq, b.sq
-
-    wide = _wide(a)
-    sq_a, sq_b = (v.numpy().astype(np.int64 if wide else np.int32) for v in (sq_a, sq_b))
+    sq_a, sq_b = (v.numpy().astype(np.int64 if _wide(a) else np.int32) for v in (a.sq, b.sq))
 
     def tile_sq(p: int) -> np.ndarray:
         dot = _int_dot(a.tiles[p], b.tiles[p]).numpy()
