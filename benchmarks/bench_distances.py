@@ -74,7 +74,22 @@ def image_set(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[tuple[
     statistics, and no two images alike.
     """
     rng = np.random.default_rng(seed)
-    photos = photographs(size)
+    x = mosaics(rng, photographs(size), n, size)
+    near: list[tuple[int, int, float]] = []
+    scales = np.logspace(-5, -2, 20)
+    for j, s in enumerate(scales):
+        k = n - 22 + j
+        x[k] = np.clip(x[j] + rng.standard_normal(x[j].shape, dtype=np.float32) * np.float32(s), 0, 1)
+        near.append((j, k, float(s)))
+    for j, k in ((20, n - 2), (21, n - 1)):
+        x[k] = x[j]
+        near.append((j, k, 0.0))
+    return x, near
+
+
+def mosaics(rng: np.random.Generator, photos: list[np.ndarray], n: int, size: int) -> np.ndarray:
+    """n images (N, size, size, 3) float32, each a mosaic of 5 x 5 patches cut at random places from
+    random ``photos`` (flipped at random), with brightness and contrast jitter and noise 0.02."""
     p = -(-size // 5)
     canvas = np.empty((5 * p, 5 * p, 3), dtype=np.float32)
     x = np.empty((n, size, size, 3), dtype=np.float32)
@@ -88,16 +103,7 @@ def image_set(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[tuple[
         img = (canvas[:size, :size] - 0.5) * rng.uniform(0.8, 1.2) + 0.5 + rng.uniform(-0.1, 0.1)
         img = img + rng.standard_normal(img.shape, dtype=np.float32) * 0.02
         np.clip(img, 0.0, 1.0, out=x[i])
-    near: list[tuple[int, int, float]] = []
-    scales = np.logspace(-5, -2, 20)
-    for j, s in enumerate(scales):
-        k = n - 22 + j
-        x[k] = np.clip(x[j] + rng.standard_normal(x[j].shape, dtype=np.float32) * np.float32(s), 0, 1)
-        near.append((j, k, float(s)))
-    for j, k in ((20, n - 2), (21, n - 1)):
-        x[k] = x[j]
-        near.append((j, k, 0.0))
-    return x, near
+    return x
 
 
 def direct64(a: np.ndarray, b: np.ndarray, grid: int) -> float:

@@ -88,7 +88,7 @@ def build_workspace(root: str | Path, prompts: int, per_prompt: int, *, plant_ev
     planted copies are those upscaled to ``size``).
     """
     from core.demo.data import DEMO_DATA_DIR
-    from core.store import Workspace, now
+    from core.store import Workspace
     from core.training import add_training
 
     root = Path(root)
@@ -119,27 +119,75 @@ def build_workspace(root: str | Path, prompts: int, per_prompt: int, *, plant_ev
             noise = rng.normal(0.0, 1.0, (clique, size, size, 3)).astype(np.float32) * rng.uniform(0.01, 0.03, (clique, 1, 1, 1)).astype(np.float32)
             members = rng.choice(per_prompt, clique, replace=False)
             images[members] = target + noise
-        pixels = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
-        with ws.transaction() as con:
-            pid = ws.prompt_id(text, con)
-            folder = root / "generations" / str(pid)
-            folder.mkdir(parents=True, exist_ok=True)
-            rows = []
-            created = now()
-            with ThreadPoolExecutor(max_workers=8) as pool:  # zlib releases the GIL: large images encode in parallel
-                encoded = list(pool.map(_png, pixels))
-            for j, data in enumerate(encoded):
-                sha = hashlib.sha256(data).hexdigest()
-                rel = f"generations/{pid}/import-{j:05d}-{sha[:12]}.png"
-                (root / rel).write_bytes(data)
-                origin = f"/synthetic/{pid}/{j}.png"
-                rows.append((pid, j, rel, sha, size, size, origin, json.dumps({"origin": origin}), created))
-            con.executemany(
-                "INSERT INTO generations(prompt_id, model_id, seed, path, sha256, width, height, steps, guidance, "
-                "scheduler, source, origin, params, created_at) VALUES (?, NULL, ?, ?, ?, ?, ?, NULL, NULL, NULL, "
-                "'import', ?, ?, ?)", rows)
+        pid = add_generations(ws, text, images)
         if clique:
             built.planted[pid] = clique
+    built.seconds["generations"] = time.perf_counter() - t0
+    return built
+
+
+def add_generations(ws, text: str, images: np.ndarray) -> int:
+    """Store ``images`` ((N, S, S, 3) floats in [0, 1]) as imported generations of prompt ``text``
+    (seeds 0..N-1, one transaction); return the prompt's id."""
+    from core.store import now
+
+    size = images.shape[1]
+    pixels = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+    with ws.transaction() as con:
+        pid = ws.prompt_id(text, con)
+        folder = ws.root / "generations" / str(pid)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        created = now()
+        with ThreadPoolExecutor(max_workers=8) as pool:  # zlib releases the GIL: large images encode in parallel
+            encoded = list(pool.map(_png, pixels))
+        for j, data in enumerate(encoded):
+            sha = hashlib.sha256(data).hexdigest()
+            rel = f"generations/{pid}/import-{j:05d}-{sha[:12]}.png"
+            (ws.root / rel).write_bytes(data)
+            origin = f"/synthetic/{pid}/{j}.png"
+            rows.append((pid, j, rel, sha, size, size, origin, json.dumps({"origin": origin}), created))
+        con.executemany(
+            "INSERT INTO generations(prompt_id, model_id, seed, path, sha256, width, height, steps, guidance, "
+            "scheduler, source, origin, params, created_at) VALUES (?, NULL, ?, ?, ?, ?, ?, NULL, NULL, NULL, "
+            "'import', ?, ?, ?)", rows)
+    return pid
+
+
+def build_copies_workspace(root: str | Path, *, size: int = 512, generations: int = 500, copies: int = 100,
+                           training: int = 50, seed: int = 0) -> BuiltWorkspace:
+    """The whole-audit case at the paper's resolution: ``training`` training images and one prompt of
+    ``generations`` generations of ``size`` x ``size``, of which ``copies`` are a training image plus
+    Gaussian pixel noise (standard deviation 0.01 to 0.03: a planted clique) and the others distinct
+    textures. Every image that is not a copy is a mosaic of patches of scikit-image's photographs
+    (``bench_distances.mosaics``), so no two are alike. ``root`` must not exist."""
+    from benchmarks.bench_distances import mosaics, photographs
+    from core.store import Workspace
+    from core.training import add_training
+
+    root = Path(root)
+    ws = Workspace.init(root)
+    built = BuiltWorkspace(root, 1, generations)
+    rng = np.random.default_rng(seed)
+    images = mosaics(rng, photographs(size), training + generations - copies, size)
+    t0 = time.perf_counter()
+    folder = root.parent / f"{root.name}-training"
+    folder.mkdir()
+    for i in range(training):
+        (folder / f"train-{i:03d}.png").write_bytes(_png((images[i] * 255 + 0.5).astype(np.uint8)))
+    add_training(ws, folder)
+    built.seconds["training"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gens = np.empty((generations, size, size, 3), np.float32)
+    members = rng.choice(generations, copies, replace=False)
+    others = np.setdiff1d(np.arange(generations), members)
+    gens[others] = images[training:]
+    target = (images[0] * 255 + 0.5).astype(np.uint8).astype(np.float32) / 255  # as stored
+    noise = rng.standard_normal((copies, size, size, 3), dtype=np.float32)
+    gens[members] = target + noise * rng.uniform(0.01, 0.03, (copies, 1, 1, 1)).astype(np.float32)
+    del images, noise
+    pid = add_generations(ws, "synthetic prompt 0000", gens)
+    built.planted[pid] = copies
     built.seconds["generations"] = time.perf_counter() - t0
     return built
 

@@ -2,12 +2,13 @@
 
 For every prompt of the workspace::
 
-    decode its generations at the working resolution
+    decode its generations at the working resolution (8-bit levels)
     D = pairwise tiled L2 between them                       (cached)
     groups = clique groups of the graph D <= tau            (largest first)
     for every generation: its nearest training image in the whole training set, certified
-        (core.nearest: pooled-pixel lower bounds, exact distances until no
-        unmeasured image can be nearer), and exact tiled L2 to the shown neighbours (cached)
+        (core.nearest: every training image measured when the set is small, else pooled-pixel
+        lower bounds and exact distances until no unmeasured image can be nearer), and exact
+        tiled L2 to the shown neighbours (cached)
     for every group: the medoid's nearest training image; extracted when l2 <= delta
     the largest clique's size and medoid at every tau of a grid (cached),
         so that moving a threshold recounts without computing a distance
@@ -21,6 +22,10 @@ nearest distance).
 Distances, curves and the neighbours' tiled L2 are cached for the run's tile grid G and
 for every grid of the ``grid_choices`` setting that divides the working size (one pass of
 distance products serves them all), so the tile grid is a slider too.
+
+On the CPU, distances are exact: generations are decoded to their 8-bit levels and measured
+by integer products (``core.distances.Levels``), the pairwise ones and those to a small
+training set alike; on a GPU the float32 product form (within 5e-5 of direct differences).
 
 Generations without a prompt (unconditional models) are judged one by one by
 relative L2 (PAPER.md): rel = l2(x_hat, x) / (alpha * mean over the n nearest
@@ -144,13 +149,14 @@ def chunk_size(size: int) -> int:
 
 
 def _decode(ws: Workspace, paths: list[str], size: int, workers: int = 4) -> np.ndarray:
-    """Decode images (PIL releases the GIL while decoding) into one (N, S, S, 3) float32 array."""
-    from .images import load_working
+    """Decode images (PIL releases the GIL while decoding) into one (N, S, S, 3) uint8 array of their
+    8-bit levels at the working size (``core.images.to_levels``; the pixel values are levels / 255)."""
+    from .images import load_levels
 
-    out = np.empty((len(paths), size, size, 3), dtype=np.float32)
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
 
     def one(i: int) -> None:
-        out[i] = load_working(ws.resolve(paths[i]), size)
+        out[i] = load_levels(ws.resolve(paths[i]), size)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(one, range(len(paths))))
@@ -186,6 +192,23 @@ class _Similarity:
         rows = np.searchsorted(self.index.ids, ids)
         vectors = np.asarray(self.index.vectors[rows], dtype=np.float64)  # (Q, k, dim)
         return np.einsum("qd,qkd->qk", queries, vectors).astype(np.float32)
+
+
+def _floats(images: np.ndarray) -> np.ndarray:
+    """Working-size pixel values, float32 in [0, 1], of 8-bit levels (float input is returned as is)."""
+    return images.astype(np.float32) / np.float32(255) if images.dtype == np.uint8 else images
+
+
+def _levels(images: np.ndarray, grids: list[int], device: str):
+    """The 8-bit ``images`` laid out for exact integer distances at every grid of ``grids``
+    (``core.distances.Levels``), or None where they are floats or the distances run on a GPU."""
+    import math
+
+    from .distances import Levels
+
+    if images.dtype != np.uint8 or device != "cpu":
+        return None
+    return Levels(images, math.lcm(*grids))
 
 
 def _tiled_to_training(images: np.ndarray, ids: np.ndarray, pyramid, grids: list[int],
@@ -259,19 +282,33 @@ class AuditContext:
         self.taus = run_taus(params)
         self.t_run = int(np.searchsorted(self.taus, params.edge_threshold))
 
-    def neighbours(self, gen_ids: np.ndarray, images: np.ndarray, unconditional: bool) -> Rows:
-        """The per-generation half of the audit for decoded ``images``."""
+    def neighbours(self, gen_ids: np.ndarray, images: np.ndarray, unconditional: bool, levels=None) -> Rows:
+        """The per-generation half of the audit for decoded ``images`` (``_decode``'s 8-bit levels, or
+        float32 pixel values); ``levels``: the same images as ``core.distances.Levels``, if made already.
+
+        Where the training set is small (``TrainingPyramid.exhaustive``) every training image is
+        measured by exact integer products, and the shown neighbours' tiled L2 come from the same
+        products; otherwise the certified search, then the shown neighbours' tiled L2."""
         from .distances import relative_l2
-        from .nearest import certified_nearest
+        from .nearest import certified_nearest, exact_nearest
 
         clock = time.perf_counter()
         p = self.params
-        near = certified_nearest(images, self.pyramid, self.k_relative if unconditional else 1,
-                                 show=max(self.k_show, self.k_relative) if unconditional else self.k_show,
-                                 budget=p.nearest_budget, device=self.device)
-        clock = _lap(self.timings, "nearest", clock)
-        sim = self.similarity(images, near.ids, near.pooled)
-        tiled = _tiled_to_training(images, near.ids, self.pyramid, self.grids, self.device)
+        k = self.k_relative if unconditional else 1
+        show = max(self.k_show, self.k_relative) if unconditional else self.k_show
+        if levels is None and self.pyramid.exhaustive(show, p.nearest_budget):
+            levels = _levels(images, self.grids, self.device)
+        if levels is not None and self.pyramid.exhaustive(show, p.nearest_budget):
+            near = exact_nearest(levels, images, self.pyramid, k, show=show, grids=tuple(self.grids))
+            clock = _lap(self.timings, "nearest", clock)
+            sim = self.similarity(images, near.ids, near.pooled)
+            tiled = near.tiled
+        else:
+            floats = _floats(images)
+            near = certified_nearest(floats, self.pyramid, k, show=show, budget=p.nearest_budget, device=self.device)
+            clock = _lap(self.timings, "nearest", clock)
+            sim = self.similarity(images, near.ids, near.pooled)
+            tiled = _tiled_to_training(floats, near.ids, self.pyramid, self.grids, self.device)
         n_rel = min(p.relative_n, near.l2.shape[1])
         rel = relative_l2(near.l2[:, 0], near.l2[:, :n_rel], p.relative_alpha).numpy() if len(images) else np.zeros(0, np.float32)
         k = self.keep
@@ -282,22 +319,27 @@ class AuditContext:
 
     def audit_prompt(self, prompt_id: int, generations: list[tuple[int, str]], cache: Path,
                      inline_curves: bool = True) -> PromptOutcome:
-        """Audit one text prompt: decode, neighbours, pairwise distances (saved to ``cache``), clique
+        """Audit one text prompt: decode, pairwise distances (saved to ``cache``), neighbours, clique
         groups, and (``inline_curves``) the tau curves."""
         from .cliques import clique_groups
         from .curves import tau_curve
-        from .distances import pairwise_tiled_l2_grids
+        from .distances import level_pairwise_grids, pairwise_tiled_l2_grids
 
         p = self.params
         clock = time.perf_counter()
         images = _decode(self.ws, [path for _, path in generations], self.size)
+        levels = _levels(images, self.grids, self.device)
         _lap(self.timings, "decode", clock)
-        rows = self.neighbours(np.array([i for i, _ in generations], np.int64), images, False)
         clock = time.perf_counter()
-        by_grid = {g: d.cpu().numpy().astype(np.float32)
-                   for g, d in pairwise_tiled_l2_grids(images, grids=self.grids, device=self.device).items()}
-        del images
-        clock = _lap(self.timings, "distances", clock)
+        if levels is not None:  # exact integer distances (first: their products give the norms neighbours reuse)
+            by_grid = {g: d.numpy() for g, d in level_pairwise_grids(levels, self.grids).items()}
+        else:
+            by_grid = {g: d.cpu().numpy().astype(np.float32)
+                       for g, d in pairwise_tiled_l2_grids(_floats(images), grids=self.grids, device=self.device).items()}
+        _lap(self.timings, "distances", clock)
+        rows = self.neighbours(np.array([i for i, _ in generations], np.int64), images, False, levels)
+        del images, levels
+        clock = time.perf_counter()
         saved = {}
         for g, d in by_grid.items():
             np.fill_diagonal(d, 0.0)

@@ -54,6 +54,15 @@ the single-grid accuracy and exact zeros.
 
 All functions return float32 torch tensors on the compute device (``device``,
 by default the device of a torch input, else the CPU).
+
+Exact distances of 8-bit images (``Levels``)
+--------------------------------------------
+Decoded images are 8-bit levels (pixel value level / 255). For them the squared
+differences of a tile sum to an integer, which int8 products accumulated in int32
+(``torch._int_mm``) compute exactly, and faster than float32 products on CPUs with
+8-bit dot-product instructions (VNNI): ``level_pairwise_grids`` and
+``level_cross_grids`` give the exact distances, rounded once. The audit uses them
+on the CPU.
 """
 
 from __future__ import annotations
@@ -592,6 +601,166 @@ def paired_distances_grids(a: Array, b: Array, grids: Sequence[int], *, ia: Arra
         r = fine // g
         tiled[g] = tiles.view(p, g, r, g, r).mean(dim=(2, 4)).flatten(1).amax(dim=1).sqrt().to(torch.float32)
     return tiles.mean(dim=1).sqrt().to(torch.float32), tiled
+
+
+# ---------------------------------------------------------------------------- exact, for 8-bit images
+LEVELS = 255  # an 8-bit image's pixel value is level / LEVELS (core.images.to_working)
+_INT_BAND = (2 ** 31 - 1) // (128 * 128)  # int8 values per product: no int32 sum of (level - 128) products overflows
+
+
+class Levels:
+    """A batch of 8-bit images, (N, H, W, C) uint8 levels (pixel value level / 255), laid out tile by
+    tile of a G x G grid for exact distances: ``tiles[p]`` is the (N, t) int8 matrix of tile p's
+    values minus 128, contiguous.
+
+    Distances between such images are computed in integers: per tile the sum of squared level
+    differences is ``|a|^2 + |b|^2 - 2 a.b`` with the product in int8 arithmetic accumulated in
+    int32 (``torch._int_mm``; every partial sum is an integer below 2^31, so no order of summation
+    can round), the rest in integers and in float64 below 2^53. The results are the exact distances of the images whose
+    pixels are level / 255, rounded once to the returned float; the float32 direct differences
+    of ``paired_distances`` carry a rounding of each pixel value and of each square besides.
+    """
+
+    def __init__(self, pixels: np.ndarray, grid: int):
+        if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 4:
+            raise InputError(f"levels must be an (N, H, W, C) uint8 array, got "
+                             f"{getattr(pixels, 'dtype', type(pixels).__name__)} {getattr(pixels, 'shape', '')}")
+        n, h, w, c = pixels.shape
+        _check_tiles(torch.empty(0, h, w, c), grid)
+        self.n, self.shape, self.grid = n, (h, w, c), grid
+        th, tw = h // grid, w // grid
+        self.t = th * tw * c
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).view(n, grid, th, grid, tw * c)
+        self.tiles = x.permute(1, 3, 0, 2, 4).contiguous().view(grid * grid, n, self.t).view(torch.int8)
+        self.tiles.bitwise_xor_(-128)  # two's complement: level ^ 0x80 read as int8 is level - 128
+        self._sq: torch.Tensor | None = None
+
+    @property
+    def sq(self) -> torch.Tensor:
+        """(G * G, N) int64: each tile's sum of squared (level - 128), exact (float32 sums of at most
+        1024 squares below 2^14 are integers below 2^24, so exact; then summed in float64)."""
+        if self._sq is None:
+            width = max(r for r in range(1, min(self.t, 1024) + 1) if self.t % r == 0)
+            out = np.empty((self.grid * self.grid, self.n), np.float64)
+            for p in range(self.grid * self.grid):
+                f = self.tiles[p].numpy().astype(np.float32).reshape(self.n, -1, width)
+                out[p] = np.einsum("nkr,nkr->nk", f, f).sum(axis=1, dtype=np.float64)
+            self._sq = torch.from_numpy(out).to(torch.int64)
+        return self._sq
+
+
+def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of int8 matrices in int32 (``torch._int_mm``), or, where this torch lacks it or refuses the
+    shapes, in float64 (exact too: every partial sum is an integer below 2^53), as int64."""
+    if a.shape[0] and b.shape[1] and getattr(torch, "_int_mm", None) is not None:
+        try:
+            return torch._int_mm(a, b)
+        except RuntimeError:
+            pass
+    return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int64)
+
+
+def _int_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T of int8 matrices, exactly: int32 where one product cannot overflow, else int64."""
+    t = a.shape[1]
+    if t <= _INT_BAND:
+        return _int_mm(a, b.T)
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int64)
+    for s in range(0, t, _INT_BAND):
+        out += _int_mm(a[:, s:s + _INT_BAND], b[:, s:s + _INT_BAND].T)
+    return out
+
+
+def _level_grids(lv: Levels, grids: Sequence[int]) -> dict[int, int]:
+    grids = check_grids(lv.shape[0], grids)
+    check_grids(lv.shape[1], grids)
+    for g in grids:
+        if lv.grid % g:
+            raise InputError(f"grid {g} does not divide the levels' tile grid {lv.grid}")
+    return {g: lv.grid // g for g in grids}
+
+
+def _level_distances(lv: Levels, per_side: dict[int, int], tile_sq, rows: int, cols: int) -> dict[int, torch.Tensor]:
+    """Tiled L2 (float64) at every grid of ``per_side`` from ``tile_sq(p)``, the (rows, cols) integer
+    sums of squared level differences over fine tile p. Sums are added in float64 (exact for
+    integers below 2^53), each coarser grid's tiles from the next finer grid's when the grids nest;
+    everything is exact until the final division and root."""
+    fine = lv.grid
+    chain = sorted({fine, *per_side}, reverse=True)  # finest first
+    if any(f % c for f, c in zip(chain, chain[1:])):  # grids that do not nest: every grid from the fine tiles
+        chain = [fine]
+    best = {g: np.zeros((rows, cols), dtype=np.float64) for g in per_side}
+    partial: dict[tuple[int, int, int], list] = {}  # (grid, row, column) -> [sum, tiles added]
+
+    def push(level: int, y: int, x: int, v: np.ndarray) -> None:
+        g = chain[level]
+        if g in best:
+            np.maximum(best[g], v, out=best[g])
+        parents = chain[level + 1:level + 2] if len(chain) > 1 else [c for c in per_side if c != fine]
+        for c in parents:
+            r = g // c
+            key = (c, y // r, x // r)
+            acc = partial.get(key)
+            if acc is None:
+                partial[key] = acc = [v if len(parents) == 1 else v.copy(), 0]
+            else:
+                acc[0] += v
+            acc[1] += 1
+            if acc[1] == r * r:
+                del partial[key]
+                if len(chain) > 1:
+                    push(level + 1, y // r, x // r, acc[0])
+                else:
+                    np.maximum(best[c], acc[0], out=best[c])
+
+    for ty, tx in _tile_order(fine, list(per_side)):
+        push(0, ty, tx, tile_sq(ty * fine + tx).astype(np.float64))
+    # (numpy, not torch, for this elementwise work: torch's threads cost more than they save on
+    # matrices of this size, and much more on a busy machine)
+    return {g: torch.from_numpy(np.sqrt(best[g] / (LEVELS * LEVELS * lv.t * r * r))) for g, r in per_side.items()}
+
+
+def _wide(lv: Levels) -> bool:
+    """Whether a tile's sums of squared level differences (up to 255^2 t) need int64."""
+    return LEVELS * LEVELS * lv.t >= 2 ** 31
+
+
+def level_pairwise_grids(lv: Levels, grids: Sequence[int]) -> dict[int, torch.Tensor]:
+    """``pairwise_tiled_l2_grids`` of the images of ``lv`` against one another, exact (see ``Levels``):
+    {grid: (N, N) float32}, exactly symmetric, exactly 0 for identical images and on the diagonal.
+    Every grid must divide the levels' tile grid."""
+    per_side = _level_grids(lv, grids)
+    wide = _wide(lv)
+    norms = np.empty((lv.grid * lv.grid, lv.n), np.int64)
+
+    def tile_sq(p: int) -> np.ndarray:
+        dot = _int_dot(lv.tiles[p], lv.tiles[p]).numpy()
+        if wide:
+            dot = dot.astype(np.int64)
+        sq = norms[p] = dot.diagonal()  # the squared norms are the diagonal of the same product
+        return np.add(sq[:, None], sq[None, :]) - 2 * dot
+
+    out = {g: d.to(torch.float32) for g, d in _level_distances(lv, per_side, tile_sq, lv.n, lv.n).items()}
+    if lv._sq is None:
+        lv._sq = torch.from_numpy(norms)  # kept for level_cross_grids
+    return out
+
+
+def level_cross_grids(a: Levels, b: Levels, grids: Sequence[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Exact (l2, {grid: tiled l2}) of every image of ``a`` against every image of ``b`` (see
+    ``Levels``), each (N, M) float64; both laid out on the same tile grid."""
+    if a.shape != b.shape or a.grid != b.grid:
+        raise InputError(f"levels of shape {a.shape} on grid {a.grid} against {b.shape} on grid {b.grid}; "
+                         "lay out both at one working size and grid")
+    per_side = _level_grids(a, sorted({1, *grids}))
+    sq_a, sq_b = (v.numpy().astype(np.int64 if _wide(a) else np.int32) for v in (a.sq, b.sq))
+
+    def tile_sq(p: int) -> np.ndarray:
+        dot = _int_dot(a.tiles[p], b.tiles[p]).numpy()
+        return np.add(sq_a[p][:, None], sq_b[p][None, :]) - 2 * dot.astype(sq_a.dtype, copy=False)
+
+    out = _level_distances(a, per_side, tile_sq, a.n, b.n)
+    return out[1], {g: out[g] for g in grids}
 
 
 def _as_vector_batch(x: Array, name: str, ndim: int) -> torch.Tensor:

@@ -36,6 +36,11 @@ nearest; it costs one matrix product of the query against the training set (brut
 cost, without its per-pair exact distances). It is used when the training set's working-size
 pixels fit in DENSE_BYTES, held as one matrix that also serves the exact distances.
 
+Small training sets. Where the whole training set costs less to measure than the search
+(``TrainingPyramid.exhaustive``), ``exact_nearest`` measures every training image by exact
+integer products of the 8-bit images (``core.distances.Levels``): every answer is certified
+and the shown neighbours are the true nearest ones.
+
 Budget. A generation may compute at most ``budget`` exact distances (setting
 ``nearest_budget``). When the budget stops a search, the answer is the best found and is
 marked not certified, with ``lower``, a lower bound of the true k-th nearest distance.
@@ -66,6 +71,11 @@ FIRST_CHUNK = 8  # exact distances per generation in the first refine round (dou
 STAGE = 256  # images in a query's first stage of coarse bounds (each later stage four times as many)
 DENSE_BYTES = 2 << 30  # training sets whose working-size pixels fit in this are held as one matrix (the dense level)
 DENSE_AFTER = 16  # exact distances after which an unsettled query takes the dense bound
+# Every training image measured exactly (``exact_nearest``) instead of searched, when the training set
+# holds at most this many images per neighbour shown and fits this many bytes of 8-bit pixels: exact
+# integer products against all of it then cost less than the search's few exact differences.
+EXHAUSTIVE_PER_SHOWN = 64
+EXHAUSTIVE_BYTES = 512 << 20
 _U = 2.0 ** -24
 
 
@@ -78,6 +88,7 @@ class Nearest:
     lower: np.ndarray  # (Q,) float32: a lower bound of the true k-th nearest distance (= l2[:, k-1] when certified)
     exact_count: np.ndarray  # (Q,) int32: exact distances computed
     pooled: np.ndarray  # (Q, m) float32: normalised L2 of the fine pooled images (a lower bound of l2)
+    tiled: dict[int, np.ndarray] | None = None  # grid -> (Q, m) float32 exact tiled L2, where computed on the way
 
 
 def pool(images: np.ndarray, side: int, chunk: int = 16) -> np.ndarray:
@@ -102,6 +113,25 @@ def pool(images: np.ndarray, side: int, chunk: int = 16) -> np.ndarray:
             rows = np.tensordot(a, x, axes=([1], [1]))  # (o, n, w, c)
             out[start:start + len(x)] = np.tensordot(rows, a, axes=([2], [1])).transpose(1, 0, 3, 2)
     return out.reshape(n, dim) / math.sqrt(dim)
+
+
+def pool8(pixels: np.ndarray, side: int, chunk: int = 16) -> np.ndarray:
+    """``pool`` of 8-bit images ((N, S, S, C) uint8 levels, pixel value level / 255), from exact
+    integer block sums: the exact area means, rounded once (``pool`` of the float32 values
+    rounds each value first). Falls back to ``pool`` where the blocks do not divide S."""
+    n, s, c = pixels.shape[0], pixels.shape[1], pixels.shape[3]
+    side = min(side, s)
+    if s % side:
+        return pool(pixels.astype(np.float32) / np.float32(255), side, chunk)
+    f = s // side
+    wide = np.uint32 if f * f * 255 < 2 ** 32 else np.uint64
+    out = np.empty((n, side, side, c), np.float64)
+    for start in range(0, n, chunk):
+        x = pixels[start:start + chunk]
+        rows = x.reshape(len(x), side, f, side * f * c).sum(axis=2, dtype=wide)  # sum down each block's rows
+        out[start:start + len(x)] = rows.reshape(len(x), side, side, f, c).sum(axis=3)
+    dim = side * side * c
+    return out.reshape(n, dim) / (f * f * 255.0 * math.sqrt(dim))
 
 
 def pool_levels(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,9 +161,12 @@ class TrainingPyramid:
     """Pooled working-size vectors of every training image, and their pixels on demand."""
 
     def __init__(self, size: int, ids: np.ndarray, coarse: np.ndarray, fine: np.ndarray,
-                 loader: Callable[[list[int]], np.ndarray]):
-        """``loader(ids)``: the working-size arrays (len(ids), size, size, 3) float32 of those training ids."""
-        self.size, self.loader = size, loader
+                 loader: Callable[[list[int]], np.ndarray],
+                 level_loader: Callable[[list[int]], np.ndarray] | None = None):
+        """``loader(ids)``: the working-size arrays (len(ids), size, size, 3) float32 of those training ids;
+        ``level_loader(ids)``, where known, the same images as 8-bit levels (uint8, value * 255)."""
+        self.size, self.loader, self.level_loader = size, loader, level_loader
+        self._levels: dict[int, object] = {}
         self.ids = ids
         self.coarse, self.fine = coarse, fine
         self.coarse_norm = np.linalg.norm(coarse, axis=1).astype(np.float32)
@@ -201,19 +234,22 @@ class TrainingPyramid:
                     coarse[have], fine[have] = old_c[pos[have]], old_f[pos[have]]
             except (OSError, ValueError, KeyError):
                 have[:] = False  # an unreadable cache is rebuilt
-        from .images import load_working
+        from .images import load_levels
 
-        def loader(want: list[int]) -> np.ndarray:
-            out = np.empty((len(want), size, size, 3), np.float32)
+        def level_loader(want: list[int]) -> np.ndarray:
+            out = np.empty((len(want), size, size, 3), np.uint8)
 
             def one(k: int) -> None:
-                out[k] = load_working(ws.resolve(paths[want[k]]), size)
+                out[k] = load_levels(ws.resolve(paths[want[k]]), size)
 
             with ThreadPoolExecutor(max_workers=4) as threads:
                 list(threads.map(one, range(len(want))))
             return out
 
-        self = cls(size, ids, coarse, fine, loader)
+        def loader(want: list[int]) -> np.ndarray:
+            return level_loader(want).astype(np.float32) / np.float32(255)  # = load_working
+
+        self = cls(size, ids, coarse, fine, loader, level_loader)
         missing = np.flatnonzero(~have)
         if len(missing):
             self._pool_rows(missing, 64, progress)
@@ -224,6 +260,21 @@ class TrainingPyramid:
                 with open(tmp, "wb") as f:
                     np.savez(f, ids=ids, coarse=coarse, fine=fine)
         return self
+
+    def exhaustive(self, shown: int, budget: int) -> bool:
+        """Whether ``exact_nearest`` (every training image measured) serves a search showing ``shown``
+        neighbours within ``budget`` exact distances a generation (see EXHAUSTIVE_PER_SHOWN)."""
+        n = len(self.ids)
+        return (self.level_loader is not None and n <= budget and n <= EXHAUSTIVE_PER_SHOWN * max(shown, 1)
+                and n * self.size * self.size * 3 <= EXHAUSTIVE_BYTES)
+
+    def levels(self, grid: int):
+        """Every training image as ``core.distances.Levels`` on a ``grid`` x ``grid`` tile grid (kept)."""
+        from .distances import Levels
+
+        if grid not in self._levels:
+            self._levels = {grid: Levels(self.level_loader([int(i) for i in self.ids]), grid)}
+        return self._levels[grid]
 
     def pixels(self, ids: np.ndarray, keep: bool = True) -> np.ndarray:
         """Working-size arrays (len(ids), S, S, 3) float32 of training images by id."""
@@ -298,6 +349,36 @@ def certified_nearest(queries: np.ndarray, pyramid: TrainingPyramid, k: int, *, 
         diff = qf[start:start + 64, None, :].astype(np.float64) - pyramid.fine[rows[start:start + 64]].astype(np.float64)
         pooled[start:start + 64] = np.sqrt((diff ** 2).sum(axis=2))
     return Nearest(ids, l2, certified, lower, count, pooled)
+
+
+def exact_nearest(queries, pixels: np.ndarray, pyramid: TrainingPyramid, k: int, *, show: int = 0,
+                  grids: tuple[int, ...] = (1,)) -> Nearest:
+    """``certified_nearest`` by measuring every training image: exact integer distances
+    (``core.distances.level_cross_grids``) of the 8-bit ``queries`` (``Levels``; ``pixels`` the same
+    images, (Q, S, S, 3) uint8) against the whole training set, so every answer is certified. Also
+    returns the shown neighbours' exact tiled L2 at every grid of ``grids`` (which must divide the
+    queries' tile grid). For small training sets (``TrainingPyramid.exhaustive``)."""
+    from .distances import level_cross_grids
+
+    q_n, n = queries.n, len(pyramid.ids)
+    k = max(1, min(k, n))
+    m = max(k, min(show, n))
+    if q_n == 0 or n == 0:
+        z = np.zeros((q_n, 0))
+        return Nearest(z.astype(np.int64), z.astype(np.float32), np.ones(q_n, bool), np.zeros(q_n, np.float32),
+                       np.zeros(q_n, np.int32), z.astype(np.float32), {g: z.astype(np.float32) for g in grids})
+    l2, tiled = level_cross_grids(queries, pyramid.levels(queries.grid), grids)
+    l2 = l2.numpy()
+    # nearest first, ties by id (the ids are sorted, so by column): a stable sort of each row
+    order = np.argsort(l2, axis=1, kind="stable")[:, :m]
+    near_l2 = np.take_along_axis(l2, order, axis=1)
+    ids = pyramid.ids[order]
+    qf = pool8(pixels, FINE)
+    diff = qf[:, None, :] - pyramid.fine[order].astype(np.float64)
+    pooled = np.sqrt((diff ** 2).sum(axis=2)).astype(np.float32)
+    shown = {g: np.take_along_axis(t.numpy(), order, axis=1).astype(np.float32) for g, t in tiled.items()}
+    return Nearest(ids, near_l2.astype(np.float32), np.ones(q_n, bool), near_l2[:, k - 1].astype(np.float32),
+                   np.full(q_n, n, np.int32), pooled, shown)
 
 
 def _search_block(queries: np.ndarray, qs: np.ndarray, coarse: np.ndarray, qf: np.ndarray, qfn: np.ndarray,

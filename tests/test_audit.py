@@ -412,3 +412,17 @@ def test_the_run_tau_is_on_the_curve_and_the_setting_stops_where_the_curve_does(
     assert cache.recount(0.1234, 10, 0.15).tau == pytest.approx(0.1234)
     with pytest.raises(ValueError, match="edge_threshold must be <= 0.3"):
         config.check("edge_threshold", 0.35)
+
+
+def test_the_search_and_measuring_every_training_image_give_the_same_run(planted, monkeypatch):
+    """A small training set is measured whole (exact integer products); the certified search gives the
+    same run: the same neighbours, verdicts and curves, distances within float rounding."""
+    from core import nearest
+
+    ws, run_id = planted
+    monkeypatch.setattr(nearest, "EXHAUSTIVE_PER_SHOWN", 0)  # the certified search for every generation
+    searched = audit.run_audit(ws)
+    _runs_agree(ws, run_id, searched, atol=1e-6)
+    exact = [np.load(runs.cache_dir(ws, r) / "nn_exact.npy") for r in (run_id, searched)]
+    assert rethreshold.RunCache(ws, run_id).nn_certified.all() and (exact[0] == len(results.get_training(ws))).all()
+    assert (exact[1] <= exact[0]).all()

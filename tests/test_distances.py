@@ -382,3 +382,89 @@ def test_relative_and_cosine_errors():
         cosine_distance(np.ones((1, 2)), np.ones((1, 3)))
     with pytest.raises(InputError, match=r"x must have shape \(N, D\)"):
         cosine_distance(np.ones(3))
+
+
+# ---------------------------------------------------------------------------- exact, for 8-bit images
+def _level_reference(a: np.ndarray, b: np.ndarray, grid: int) -> np.ndarray:
+    """Tiled L2 of 8-bit images from integer sums of squared level differences (int64), the definition."""
+    n, h, w, c = a.shape
+    d = (a.astype(np.int64)[:, None] - b.astype(np.int64)[None]) ** 2
+    sums = d.reshape(len(a), len(b), grid, h // grid, grid, w // grid, c).sum(axis=(3, 5, 6))
+    return np.sqrt(sums.reshape(len(a), len(b), -1).max(axis=2) / (255.0 ** 2 * (h // grid) * (w // grid) * c))
+
+
+def _level_batch(n: int = 14, size: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    x[5] = x[3]  # identical
+    x[6] = np.clip(x[3].astype(int) + rng.integers(-1, 2, x[3].shape), 0, 255)  # one level apart at most
+    x[7], x[8] = 0, 255  # the extremes
+    return x
+
+
+def test_level_distances_are_the_exact_integer_distances():
+    x = _level_batch()
+    lv = distances.Levels(x, 8)
+    pair = distances.level_pairwise_grids(lv, (1, 2, 4, 8))
+    l2, cross = distances.level_cross_grids(lv, distances.Levels(x[:5].copy(), 8), (2, 8))
+    for g, d in pair.items():
+        want = _level_reference(x, x, g)
+        assert d.dtype == torch.float32 and np.array_equal(d.numpy(), want.astype(np.float32))
+        assert torch.equal(d, d.T) and float(d.diagonal().abs().max()) == 0.0
+        assert float(d[3, 5]) == 0.0 and 0 < float(d[3, 6]) < 1 / 255
+        assert float(d[7, 8]) == 1.0
+    np.testing.assert_allclose(l2.numpy(), _level_reference(x, x[:5], 1), rtol=1e-15, atol=0)
+    for g in (2, 8):
+        np.testing.assert_allclose(cross[g].numpy(), _level_reference(x, x[:5], g), rtol=1e-15, atol=0)
+
+
+def test_level_distances_are_at_least_as_exact_as_the_float_path_and_agree_with_it():
+    from benchmarks.bench_distances import photographs
+
+    photos = np.stack([(p * 255 + 0.5).astype(np.uint8) for p in photographs(32)])
+    x = np.concatenate([photos, np.clip(photos.astype(int) + 1, 0, 255).astype(np.uint8), _level_batch(10)])
+    floats = x.astype(np.float32) / np.float32(255)
+    exact = {g: _level_reference(x, x, g) for g in (1, 4)}
+    ours = distances.level_pairwise_grids(distances.Levels(x, 4), (1, 4))
+    theirs = distances.pairwise_tiled_l2_grids(floats, grids=(1, 4))
+    for g in (1, 4):
+        err_ours = np.abs(ours[g].numpy() - exact[g])
+        err_theirs = np.abs(theirs[g].numpy() - exact[g])
+        assert err_ours.max() <= 6e-8 and err_ours.max() <= err_theirs.max() + 6e-8
+        assert err_theirs.max() < distances.TOLERANCE
+
+
+def test_level_products_split_where_int32_sums_could_overflow(monkeypatch):
+    """A 512 x 512 tile of the extremes: 786,432 squared differences of 255^2 exceed 2^31."""
+    x = np.zeros((2, 512, 512, 3), np.uint8)
+    x[1] = 255
+    d = distances.level_pairwise_grids(distances.Levels(x, 1), (1,))[1]
+    assert float(d[0, 1]) == 1.0 and float(d[0, 0]) == 0.0
+    small = _level_batch(10, 16)
+    whole = distances.level_pairwise_grids(distances.Levels(small, 2), (1, 2))
+    monkeypatch.setattr(distances, "_INT_BAND", 7)  # every product in bands of 7 values
+    split = distances.level_pairwise_grids(distances.Levels(small, 2), (1, 2))
+    assert all(torch.equal(whole[g], split[g]) for g in (1, 2))
+
+
+def test_levels_refuse_what_they_cannot_hold():
+    with pytest.raises(InputError, match="uint8"):
+        distances.Levels(np.zeros((2, 8, 8, 3), np.float32), 2)
+    with pytest.raises(InputError, match="does not divide"):
+        distances.Levels(np.zeros((2, 8, 8, 3), np.uint8), 3)
+    lv = distances.Levels(np.zeros((2, 8, 8, 3), np.uint8), 2)
+    with pytest.raises(InputError, match="does not divide the levels' tile grid"):
+        distances.level_pairwise_grids(lv, (4,))
+
+
+def test_level_distances_without_int8_products_are_the_same(monkeypatch):
+    """Where torch has no int8 product the float64 one serves, exactly; empty batches are fine."""
+    x = _level_batch(10, 16)
+    want = distances.level_pairwise_grids(distances.Levels(x, 2), (1, 2))
+    monkeypatch.delattr(torch, "_int_mm")
+    got = distances.level_pairwise_grids(distances.Levels(x, 2), (1, 2))
+    assert all(torch.equal(want[g], got[g]) for g in (1, 2))
+    empty = distances.Levels(np.zeros((0, 16, 16, 3), np.uint8), 2)
+    assert distances.level_pairwise_grids(empty, (2,))[2].shape == (0, 0)
+    l2, tiled = distances.level_cross_grids(empty, distances.Levels(x, 2), (2,))
+    assert l2.shape == (0, 10) and tiled[2].shape == (0, 10)

@@ -190,3 +190,43 @@ def test_the_dense_level_certifies_what_the_pooled_bounds_cannot(monkeypatch):
     np.testing.assert_allclose(near.l2, truth, atol=1e-5)
     assert (near.ids[:4, 0] == np.arange(4)).all()
     assert near.exact_count.max() < 100  # about the 5 nearest, a few more within the bound's rounding margin
+
+
+def test_measuring_every_training_image_gives_the_certified_answer_and_the_shown_tiled_l2(templated):
+    """``exact_nearest`` (exact integer distances to every training image) against the certified search
+    and the audit's tiled L2 of the shown neighbours, on the look-alike case."""
+    from core.distances import Levels, paired_distances_grids, pairwise_l2
+    from core.images import load_levels
+    from core.nearest import exact_nearest, pool8
+
+    ws, _ = templated
+    rows, ids, train, gens, queries = _arrays(ws)
+    pixels = np.stack([load_levels(ws.resolve(path), 64) for _, path in gens])
+    assert np.array_equal(pixels.astype(np.float32) / np.float32(255), queries)  # the same images
+    pyramid = TrainingPyramid.load(ws, 64, {i: rows[i].path for i in ids})
+    assert pyramid.exhaustive(10, 5000) and not pyramid.exhaustive(10, len(ids) - 1)
+    searched = certified_nearest(queries, pyramid, 1, show=10, budget=10_000)
+    near = exact_nearest(Levels(pixels, 4), pixels, pyramid, 1, show=10, grids=(1, 2, 4))
+    assert near.certified.all() and (near.exact_count == len(ids)).all()
+    assert np.array_equal(near.ids[:, 0], searched.ids[:, 0])
+    np.testing.assert_allclose(near.l2[:, 0], searched.l2[:, 0], atol=1e-6, rtol=0)
+    # the search certifies the nearest and shows the nearest of those it measured; measuring every
+    # image shows the true 10 nearest, each at most the search's shown one of the same rank
+    assert (near.l2 <= searched.l2 + 1e-6).all() and (near.l2 < searched.l2 - 1e-3).any()
+    same = near.ids == searched.ids
+    np.testing.assert_allclose(near.pooled[same], searched.pooled[same], atol=1e-6, rtol=0)
+    everything = np.sort(pairwise_l2(queries, train).numpy(), axis=1)[:, :10]  # within 5e-5 of exact
+    np.testing.assert_allclose(near.l2, everything, atol=1e-4, rtol=0)
+    assert np.array_equal(near.lower, near.l2[:, 0])
+    n, k = near.ids.shape
+    rows_t = np.searchsorted(ids, near.ids.reshape(-1))
+    l2, tiled = paired_distances_grids(queries, train, (1, 2, 4), ia=np.repeat(np.arange(n), k), ib=rows_t)
+    np.testing.assert_allclose(near.l2, l2.numpy().reshape(n, k), atol=1e-6, rtol=0)
+    for g in (1, 2, 4):
+        np.testing.assert_allclose(near.tiled[g], tiled[g].numpy().reshape(n, k), atol=1e-6, rtol=0)
+    # the pooled vectors of 8-bit images: exact means, within float rounding of the float path's
+    exact_means = pixels.reshape(len(pixels), 16, 4, 16, 4, 3).astype(np.int64).sum(axis=(2, 4)) / (16 * 255)
+    np.testing.assert_allclose(pool8(pixels, FINE) * np.sqrt(16 * 16 * 3), exact_means.reshape(len(pixels), -1),
+                               rtol=1e-15, atol=0)
+    np.testing.assert_allclose(pool8(pixels, FINE), pool(queries, FINE), atol=1e-8, rtol=0)
+    np.testing.assert_allclose(pool8(pixels[:3, :60, :60], FINE), pool(queries[:3, :60, :60], FINE), atol=1e-8, rtol=0)
