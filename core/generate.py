@@ -51,7 +51,7 @@ import numpy as np
 from . import config, tempfiles
 from .errors import InputError, MemauditError, ModelError, WorkspaceError
 from .images import save_png_atomic, to_uint8
-from .store import Workspace, now
+from .store import Workspace, generation_folder, now, prompt_folder
 
 KINDS = ("text2image", "class", "unconditional")
 # Files whose bytes make up a model's weights (hashed into ``weights_hash``).
@@ -537,8 +537,9 @@ def generate(ws: Workspace, model_ref: str, prompts: Sequence[str] | None, per_p
     model_id = ws.model_id(loaded.ref, loaded.kind, loaded.pipeline_class, loaded.weights_hash, loaded.scheduler)
     with ws.transaction() as con:
         prompt_ids = [ws.prompt_id(text, con) for text, _ in conditions]
-    for pid in prompt_ids:
-        tempfiles.remove_stale(ws.root / "generations" / str(pid))  # images a killed run left half-written
+    for pid in prompt_ids:  # images a killed run left half-written (under this layout or the earlier one)
+        tempfiles.remove_stale(ws.root / prompt_folder(pid))
+        tempfiles.remove_stale(ws.root / "generations" / str(pid))
 
     pending: list[tuple[int, str, int | None, int, int]] = []  # (prompt_id, text, class id, j, seed)
     with ws.connect() as con:
@@ -578,7 +579,7 @@ def generate(ws: Workspace, model_ref: str, prompts: Sequence[str] | None, per_p
                     pixels = to_uint8(image)
                     data = _png_bytes(pixels)
                     sha = hashlib.sha256(data).hexdigest()
-                    rel = _free_path(ws, f"generations/{pid}", f"{s}-{sha[:12]}")
+                    rel = _free_path(ws, generation_folder(pid, "s", s), f"{s}-{sha[:12]}")
                     try:
                         save_png_atomic(pixels, ws.root / rel)
                     except OSError as e:

@@ -10,7 +10,7 @@ import numpy as np
 from .errors import InputError, MemauditError
 from .records import Generation
 from .results import NeighbourView, PromptRow, get_generations, get_training
-from .runs import distance_file, require_run, run_params, tiled_file
+from .runs import distance_file, legacy_distance_file, require_run, run_params, tiled_file
 from .store import Workspace
 
 
@@ -73,8 +73,9 @@ class RunCache:
         self.exact = c["exact"] if "exact" in c else np.ones(self.size.shape, bool)  # earlier runs did not record it
         self.run_tau = self.tau_index(self.params.edge_threshold)
         self.nn_tiled = {g: np.load(d / tiled_file(g, self.grid), mmap_mode="r") for g in self.grids}
-        with ws.connect() as con:
-            rows = con.execute("SELECT p.id, p.text, COUNT(g.id) AS n FROM prompts p JOIN generations g ON g.prompt_id = p.id GROUP BY p.id").fetchall()
+        with ws.connect() as con:  # the run's prompts and the generations it audited (not a pass over every generation)
+            rows = con.execute("SELECT r.prompt_id AS id, p.text, r.generations AS n FROM prompt_results r "
+                               "JOIN prompts p ON p.id = r.prompt_id WHERE r.run_id = ?", (run_id,)).fetchall()
         self.prompt_text = {r["id"]: (r["text"] or None) for r in rows}
         self.prompt_count = {r["id"]: r["n"] for r in rows}
         self.best_l2 = np.where(self.medoid >= 0, self.nn_l2[np.maximum(self.medoid, 0), 0] if len(self.nn_l2) else np.inf, np.inf)
@@ -110,6 +111,8 @@ class RunCache:
     def distances(self, prompt_id: int, grid: int | None = None) -> np.ndarray:
         grid = self.grids[self.grid_index(grid)]
         path = self.dir / distance_file(prompt_id, grid, self.grid)
+        if not path.is_file():  # a run cached before the sharded layout
+            path = self.dir / legacy_distance_file(prompt_id, grid, self.grid)
         if not path.is_file():
             raise MemauditError(f"prompt {prompt_id} has no cached distances at grid {grid} in audit run {self.run_id}")
         return np.load(path)
