@@ -281,6 +281,8 @@ def _op(name: str, ws, run_id: int, info: dict, out: Path) -> Callable[[], objec
         return lambda: labels.current_labels(ws)
     if name == "review_queue":
         return lambda: labels.review_queue(ws, run_id, "alice")
+    if name == "Review page (review_state)":
+        return lambda: labels.review_state(ws, run_id, "alice")
     if name == "agreement":
         return lambda: labels.agreement(ws)
     if name == "candidate_scores":
@@ -298,7 +300,7 @@ def _op(name: str, ws, run_id: int, info: dict, out: Path) -> Callable[[], objec
 
 OPS = ("memaudit status", "memaudit runs", "memaudit export json", "memaudit export csv", "overview", "prompt_results",
        "candidates", "candidate + neighbours", "RunCache load", "recount, run's tau", "recount, other tau",
-       "prompt_groups (1 prompt)", "labelled_prompts", "current_labels", "review_queue", "agreement", "candidate_scores",
+       "prompt_groups (1 prompt)", "labelled_prompts", "current_labels", "review_queue", "Review page (review_state)", "agreement", "candidate_scores",
        "Figure 5 (extraction_by_duplicates)", "Figure 5 (nearest image's duplicates)", "largest_clique_sizes", "audit plan")
 
 

@@ -174,3 +174,29 @@ def test_a_workspace_written_under_the_earlier_layout_stays_readable(planted, tm
     assert [r.flagged for r in results.prompt_results(ws, again)] == [r.flagged for r in results.prompt_results(ws, run_id)]
     assert list(runs.cache_dir(ws, again).glob("p0/prompt-*.npy"))
     assert np.array_equal(rethreshold.RunCache(ws, again).distances(pid), rethreshold.RunCache(ws, run_id).distances(pid))
+
+
+def test_the_review_page_reads_the_runs_candidates_once(planted, tmp_path, monkeypatch):
+    """The queue, its flagged-only filter and the reviewer's progress come from one read of the candidates."""
+    from core import labels
+
+    src, run_id = planted
+    ws = Workspace.open(shutil.copytree(src.root, tmp_path / "ws"))
+    cands = results.candidates(ws, run_id)
+    labels.add_label(ws, cands[0].id, "exact_copy", "ann")
+    labels.add_label(ws, cands[-1].id, "unsure", "ann")
+    labels.add_label(ws, cands[1].id, "near_copy", "ben")
+    reads = []
+    real = results.candidates
+    monkeypatch.setattr(results, "candidates", lambda *a, **k: reads.append(1) or real(*a, **k))
+    for unlabelled in (True, False):
+        for flagged in (True, False):
+            reads.clear()
+            state = labels.review_state(ws, run_id, "ann", unlabeled_only=unlabelled, flagged_only=flagged)
+            assert len(reads) == 1
+            done = {cands[0].id, cands[-1].id}
+            assert [c.id for c in state.queue] == [c.id for c in cands if not (unlabelled and c.id in done)
+                                                   and (c.flagged or not flagged)]
+            assert (state.candidates, state.labelled_by_reviewer) == (len(cands), 2)
+            assert state.labels == labels.current_labels(ws)
+    assert [c.id for c in labels.review_queue(ws, run_id, "ann")] == [c.id for c in cands if c.id not in done]
