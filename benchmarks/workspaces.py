@@ -5,7 +5,7 @@
 * the demo training set (assets/demo/train: 641 files of 56 distinct 32 x 32 images,
   duplicated 100, 10 and 1 times), ingested with ``core.training.add_training``;
 * ``prompts`` x ``per_prompt`` generations, 32 x 32 PNGs (``size``) written straight into
-  WS/generations/<prompt_id>/ and inserted as imported rows (source 'import', one
+  the prompt's folder (``core.store.generation_folder``) and inserted as imported rows (source 'import', one
   transaction per prompt), the rows ``core.importer.import_generations`` would make
   without its per-file fsync, decode check and manifest parsing.
 
@@ -88,7 +88,7 @@ def build_workspace(root: str | Path, prompts: int, per_prompt: int, *, plant_ev
     planted copies are those upscaled to ``size``).
     """
     from core.demo_data import DEMO_DATA_DIR
-    from core.store import Workspace, now
+    from core.store import Workspace, generation_folder, now
     from core.training import add_training
 
     root = Path(root)
@@ -122,15 +122,14 @@ def build_workspace(root: str | Path, prompts: int, per_prompt: int, *, plant_ev
         pixels = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
         with ws.transaction() as con:
             pid = ws.prompt_id(text, con)
-            folder = root / "generations" / str(pid)
-            folder.mkdir(parents=True, exist_ok=True)
             rows = []
             created = now()
             with ThreadPoolExecutor(max_workers=8) as pool:  # zlib releases the GIL: large images encode in parallel
                 encoded = list(pool.map(_png, pixels))
             for j, data in enumerate(encoded):
                 sha = hashlib.sha256(data).hexdigest()
-                rel = f"generations/{pid}/import-{j:05d}-{sha[:12]}.png"
+                rel = f"{generation_folder(pid, 'i', j)}/import-{j:05d}-{sha[:12]}.png"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
                 (root / rel).write_bytes(data)
                 origin = f"/synthetic/{pid}/{j}.png"
                 rows.append((pid, j, rel, sha, size, size, origin, json.dumps({"origin": origin}), created))
