@@ -15,7 +15,7 @@ LOCAL_TORCH := $(shell test -f /etc/xdg/pip/constraints.txt && grep -q 'torch<=2
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(if $(LOCAL_TORCH),$(BIN)/pip install -q $(LOCAL_TORCH))
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""Pairwise tiled L2 at the paper's scale: speed, accuracy near zero, memory, exact pruning.
+"""Pairwise tiled L2 at the paper's scale: speed, accuracy near zero, memory, several grids.
 
 Data: 500 images of 512 x 512 x 3 (float32, 1.6 GB), each a mosaic of 5 x 5
 patches cut at random from scikit-image's photographs (random flips, brightness
@@ -28,12 +28,6 @@ products for the four grids the audit caches for the dashboard's grid slider) ag
 four separate ``pairwise_tiled_l2`` calls and against grid 4 alone, with the largest
 difference between the one-pass and the separate results.
 
-Pruning: ``upper=0.15`` (pooled lower bounds, full resolution only where the
-bound is <= upper), against the unpruned time, on the same 500 images (almost
-no close pairs, like most prompts) and on a "memorised" variant (400 of the 500
-replaced by noisy copies of one image: a 400-clique), with the edges at
-tau = 0.05, 0.1, 0.15 compared.
-
     python -m benchmarks.bench_distances [--smoke]
 """
 
@@ -51,7 +45,6 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "c
           "retina", "camera", "coins", "moon", "page")
 GRID = 4
 GRIDS = (1, 2, 4, 8)
-UPPER = 0.15
 THREADS = 2
 
 
@@ -192,25 +185,13 @@ def run(n: int, size: int, subset: int, repeat: int) -> dict:
     print_table(grids, ["method", "seconds", "vs_one_grid", "max_abs_vs_separate"],
                 f"grids {', '.join(map(str, GRIDS))} from one pass vs separately ({n} images {size}x{size}x3)")
 
-    pruning = [prune_case("distinct images (most prompts)", x, dist, ours["best_s"], repeat)]
-    # the memorised variant: 400 noisy copies of image 0 (written over the same array)
-    rng = np.random.default_rng(1)
-    for k in range(n // 5, n):
-        noise = rng.standard_normal(x[0].shape, dtype=np.float32) * np.float32(rng.uniform(0.01, 0.03))
-        np.clip(x[0] + noise, 0, 1, out=x[k])
-    full2 = timeit(lambda: pairwise_tiled_l2(x, grid=GRID), repeat=1, warmup=0)
-    dist2 = pairwise_tiled_l2(x, grid=GRID)
-    pruning.append(prune_case(f"memorised: {n - n // 5} copies of one image", x, dist2, full2["best_s"], repeat))
-    print_table(pruning, ["case", "full_s", "pruned_s", "speedup", "pairs_within_upper", "edges_equal"],
-                f"exact pruning, upper = {UPPER}")
-
     return {
         "n": n, "size": size, "grid": GRID, "threads": torch.get_num_threads(), "data_s": data_s,
         "flops_per_run": flops, "reference_subset": subset, "reference_scale": scale,
         "reference_subset_s": ref_time["best_s"], "timings": rows, "memaudit_runs": ours,
         "matmul_runs": mm, "near_zero": near_rows, "diagonal_max": diag_max,
         "subset_max_abs_vs_reference": subset_err, "peak_extra_mb": extra_mb, "inputs_mb": x.nbytes / 2**20,
-        "pruning": pruning, "grids": grids,
+        "grids": grids,
     }
 
 
@@ -230,17 +211,6 @@ def grid_rows(x: np.ndarray, one_grid_s: float) -> list[dict]:
              "max_abs_vs_separate": 0.0},
             {"method": f"pairwise_tiled_l2, grid {GRID} alone (best above)", "seconds": one_grid_s, "vs_one_grid": 1.0,
              "max_abs_vs_separate": None}]
-
-
-def prune_case(name: str, x: np.ndarray, full: torch.Tensor, full_s: float, repeat: int) -> dict:
-    pruned_t = timeit(lambda: pairwise_tiled_l2(x, grid=GRID, upper=UPPER), repeat=repeat, warmup=0)
-    pruned = pairwise_tiled_l2(x, grid=GRID, upper=UPPER)
-    n = len(x)
-    off = ~torch.eye(n, dtype=torch.bool)
-    equal = all(torch.equal((full <= t) & off, (pruned <= t) & off) for t in (0.05, 0.1, UPPER))
-    within = int(((pruned <= UPPER) & off).sum()) // 2
-    return {"case": name, "full_s": full_s, "pruned_s": pruned_t["best_s"], "speedup": full_s / pruned_t["best_s"],
-            "pairs_within_upper": within, "pairs": n * (n - 1) // 2, "edges_equal": equal}
 
 
 def main(smoke: bool = False) -> dict:

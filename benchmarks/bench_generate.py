@@ -3,7 +3,7 @@
 Model: the demo model's architecture (``CaptionConditionedPipeline``: a class-conditional
 ``UNet2DModel`` with channels 16/32/64, one layer a block, 32 x 32 output, 37 caption
 classes, DDIM with x0 prediction). The trained demo model in assets/demo/model is used when
-it loads; otherwise the same architecture with random weights (``core.train.build_unet``),
+it loads; otherwise the same architecture with random weights (``core.demo.trainer.build_unet``),
 which costs the same to sample. Both sides load the same folder, so scheduler, steps (20,
 no guidance) and precision (float32 on the CPU) are identical.
 
@@ -59,7 +59,7 @@ def main(smoke: bool = False) -> dict:
     import torch
 
     from core.generate import generate, load_pipeline, sample
-    from core.pipelines import CaptionConditionedPipeline
+    from core.demo.model import CaptionConditionedPipeline
     from core.store import Workspace
 
     batches = [4] if smoke else [32, 64]

@@ -57,9 +57,9 @@ def main(smoke: bool = False) -> dict:
     import torch
 
     from core import inpaint
-    from core.demo_data import DEMO_DATA_DIR
+    from core.demo.data import DEMO_DATA_DIR
     from core.images import load_working, save_png_atomic
-    from core.pipelines import CaptionConditionedPipeline
+    from core.demo.model import CaptionConditionedPipeline
     from core.repaint import denoising_loss, repaint
     from core.store import Workspace
 

@@ -36,7 +36,7 @@ def main(smoke: bool = False) -> dict:
     import torch
 
     from core import membership
-    from core.demo_digits import MEMBERS_DIR, MODEL_DIR, MIA_TIMESTEP, NONMEMBERS_DIR, SHADOWS_DIR, TRAIN
+    from core.demo.digits import MEMBERS_DIR, MODEL_DIR, MIA_TIMESTEP, NONMEMBERS_DIR, SHADOWS_DIR, TRAIN
     from core.generate import load_pipeline, resolve_device
     from core.membership_runs import run_membership
     from core.shadows import train_shadows

@@ -58,7 +58,7 @@ def _rounds(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, tu
 
 def _demo(smoke: bool) -> tuple[list[dict], dict]:
     from core import triage
-    from core.demo_data import DEMO_MODEL_DIR, DEMO_PROMPTS, DEMO_STEPS
+    from core.demo.data import DEMO_MODEL_DIR, DEMO_PROMPTS, DEMO_STEPS
     from core.generate import load_pipeline, read_prompts, sample
 
     loaded = load_pipeline(str(DEMO_MODEL_DIR), "cpu")
@@ -193,7 +193,7 @@ def _stable_diffusion(smoke: bool) -> tuple[list[dict], dict]:
 def _detection(smoke: bool) -> list[dict]:
     from core import triage
     from core.calibrate import calibrate
-    from core.demo_data import DEMO_MODEL_DIR, DEMO_PROMPTS, DEMO_SOURCES, DEMO_STEPS
+    from core.demo.data import DEMO_MODEL_DIR, DEMO_PROMPTS, DEMO_SOURCES, DEMO_STEPS
     from core.generate import load_pipeline, read_prompts
 
     copies: dict[str, int] = {}

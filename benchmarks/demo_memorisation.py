@@ -3,7 +3,7 @@
 For every caption of the demo training set, ``--per-prompt`` images are generated (image j
 from seed j, ``--steps`` DDIM steps, no guidance) with the shipped
 ``CaptionConditionedPipeline`` and compared with that caption's training images
-(``core.train.measure_copies``; normalised L2 on [0, 1] pixels at 32 x 32):
+(``core.demo.trainer.measure_copies``; normalised L2 on [0, 1] pixels at 32 x 32):
 
 - copy: a generation within ``--tau`` (0.1) of one of its caption's training images;
 - flagged: the caption's largest clique of generations linked by tiled L2 <= tau (4 x 4
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from core.demo_data import DEMO_DATA_DIR, DEMO_MODEL_DIR, DEMO_PROMPTS  # noqa: E402
+from core.demo.data import DEMO_DATA_DIR, DEMO_MODEL_DIR, DEMO_PROMPTS  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from core.pipelines import CaptionConditionedPipeline
-    from core.train import measure_copies
+    from core.demo.model import CaptionConditionedPipeline
+    from core.demo.trainer import measure_copies
 
     torch.set_num_threads(a.threads)
     prompts = DEMO_PROMPTS.read_text(encoding="utf-8").splitlines()

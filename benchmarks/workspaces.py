@@ -87,7 +87,7 @@ def build_workspace(root: str | Path, prompts: int, per_prompt: int, *, plant_ev
     ``size``: the generations' side in pixels (the training images are the demo's 32 x 32 ones, and
     planted copies are those upscaled to ``size``).
     """
-    from core.demo_data import DEMO_DATA_DIR
+    from core.demo.data import DEMO_DATA_DIR
     from core.store import Workspace, generation_folder, now
     from core.training import add_training
 
@@ -220,9 +220,9 @@ def stage_rows(a: AuditedWorkspace) -> list[dict]:
 def demo_model_dir(tmp: Path, default_steps: int) -> tuple[Path, str]:
     """The trained demo model if it loads, else a random-weight model of the same architecture saved
     under ``tmp`` (sampling ``default_steps`` by default); with a note saying which."""
-    from core.demo_data import DEMO_MODEL_DIR, DEMO_PROMPTS
-    from core.pipelines import CaptionConditionedPipeline, build_vocabulary, make_scheduler
-    from core.train import TrainConfig, build_unet
+    from core.demo.data import DEMO_MODEL_DIR, DEMO_PROMPTS
+    from core.demo.model import CaptionConditionedPipeline, build_vocabulary, make_scheduler
+    from core.demo.trainer import TrainConfig, build_unet
 
     try:
         CaptionConditionedPipeline.from_pretrained(DEMO_MODEL_DIR)

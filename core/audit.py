@@ -368,16 +368,24 @@ class RunArrays:
 
 # ---------------------------------------------------------------------------- the run
 def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progress | None = None,
-              timings: dict[str, float] | None = None) -> int:
+              timings: dict[str, float] | None = None, ray_address: str | None = None, ray_workers: int = 0) -> int:
     """Audit every prompt of the workspace; return the new run's id.
 
     ``progress(stage, done, total)`` counts generations. ``timings``, when given, is filled with
     the wall-clock seconds spent in each stage, summed over prompts: setup, decode, nearest,
-    exact_neighbours, distances, save_cache, cliques, curve, store.
+    exact_neighbours, distances, save_cache, cliques, curve, store. ``ray_address`` (see
+    ``core.cluster``) runs the units of work on a Ray cluster, ``ray_workers`` of them at once
+    (0: one per CPU or GPU of the cluster); this process alone writes the run, and the result is
+    the local run's.
     """
     from .distances import check_grid
 
     clock = time.perf_counter()
+    runner = None
+    if ray_address:
+        from .audit_ray import RayRunner
+
+        runner = RayRunner(ws, ray_address, ray_workers)  # connects first: a bad address costs nothing
     params = params or params_from(ws)
     size = _working_size(ws, params.working_size)
     check_grid(size, params.grid)
@@ -396,33 +404,37 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
         owner = own_run(cache)  # before the commit: no other process ever sees this run without its owner
 
     sizes = sorted(p.count for p in prompts if not p.unconditional)
-    workers = curve_workers(ws.get_setting("audit_workers"), len(sizes) * len(ctx.grids), sizes[len(sizes) // 2] if sizes else 0)
+    workers = 0 if runner else curve_workers(ws.get_setting("audit_workers"), len(sizes) * len(ctx.grids),
+                                             sizes[len(sizes) // 2] if sizes else 0)
     curves = Curves((len(ctx.grids), len(prompts), len(ctx.taus)), workers, ctx.budget, ctx.taus)
     try:
         arrays = RunArrays(cache, total, ctx.keep, ctx.grids, params.grid)
         groups: dict[int, list] = {}
         done = 0
-        for p_index, pp in enumerate(prompts):
+
+        def take(unit: Unit, result: Rows | PromptOutcome) -> None:
+            nonlocal done
+            if isinstance(result, PromptOutcome):
+                arrays.put(unit.base, result.rows)
+                groups[unit.plan.prompt_id] = result.groups
+                clock = time.perf_counter()
+                add_curves(curves, ctx, unit.p_index, unit.base, result)
+                _lap(timings, "curve", clock)
+            else:
+                arrays.put(unit.base, result)
+            done += len(unit.generations)
             if progress:
                 progress("audit", done, total)
-            if pp.unconditional:
-                at = pp.base
-                for chunk in generation_rows(ws, pp.prompt_id, last, chunk_size(size)):
-                    arrays.put(at, ctx.audit_chunk(chunk))
-                    at += len(chunk)
-                    if progress:
-                        progress("audit", done + at - pp.base, total)
-                _check_count(pp, at - pp.base)
-            else:
-                gens = next(generation_rows(ws, pp.prompt_id, last), [])
-                _check_count(pp, len(gens))
-                outcome = ctx.audit_prompt(pp.prompt_id, gens, cache, inline_curves=workers == 0)
-                arrays.put(pp.base, outcome.rows)
-                groups[pp.prompt_id] = outcome.groups
-                clock = time.perf_counter()
-                add_curves(curves, ctx, p_index, pp.base, outcome)
-                _lap(timings, "curve", clock)
-            done += pp.count
+
+        if progress:
+            progress("audit", 0, total)
+        units = work_units(ws, prompts, last, size)
+        if runner is None:
+            for unit in units:
+                take(unit, ctx.audit_chunk(unit.generations) if unit.plan.unconditional
+                     else ctx.audit_prompt(unit.plan.prompt_id, unit.generations, cache, inline_curves=workers == 0))
+        else:
+            runner.run(params, units, cache, take)
 
         clock = time.perf_counter()
         curves.finish()
@@ -443,9 +455,36 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
     finally:
         if owner is not None:
             owner.close()
-    if progress:
-        progress("audit", total, total)
+        if runner is not None:
+            runner.close()
     return run_id
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of an audit's work: a text prompt's generations, or a chunk of an unconditional model's,
+    which are rows ``base ..`` of the run's arrays."""
+    p_index: int
+    plan: PromptPlan
+    base: int
+    generations: list[tuple[int, str]]
+
+
+def work_units(ws: Workspace, prompts: list[PromptPlan], last: int, size: int) -> Iterator[Unit]:
+    """The run's units in order, read from the database as they are needed."""
+    for p_index, pp in enumerate(prompts):
+        if pp.unconditional:
+            at = pp.base
+            for chunk in generation_rows(ws, pp.prompt_id, last, chunk_size(size)):
+                if at + len(chunk) > pp.base + pp.count:
+                    _check_count(pp, at + len(chunk) - pp.base)
+                yield Unit(p_index, pp, at, chunk)
+                at += len(chunk)
+            _check_count(pp, at - pp.base)
+        else:
+            gens = next(generation_rows(ws, pp.prompt_id, last), [])
+            _check_count(pp, len(gens))
+            yield Unit(p_index, pp, pp.base, gens)
 
 
 def _check_count(pp: PromptPlan, seen: int) -> None:

@@ -4,6 +4,7 @@ functions the dashboard calls. Errors a user can cause print one line and exit 1
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -106,8 +107,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
                      "the rest are not generated, so an audit of them is a lower bound on what the model memorised")
     else:
         prompts = read_prompts(args.prompts) if args.prompts else None  # None: an unconditional model
-    report = generate(ws, args.model, prompts, opt("per_prompt"), steps=opt("steps"), guidance=opt("guidance"),
-                      batch_size=opt("batch_size"), seed=opt("seed"), device=opt("device"))
+    try:
+        address = opt("ray_address")
+    except ValueError as e:
+        raise MemauditError(str(e)) from None
+    run: Callable[..., Any] = generate
+    if address:
+        from .generate_ray import generate_on_ray
+
+        run = functools.partial(generate_on_ray, address=address, workers=opt("ray_workers"))
+    report = run(ws, args.model, prompts, opt("per_prompt"), steps=opt("steps"), guidance=opt("guidance"),
+                 batch_size=opt("batch_size"), seed=opt("seed"), device=opt("device"))
     data = {k: getattr(report, k) for k in report.__dataclass_fields__}
     _emit(args, f"generated {report.generated} images for {len(prompts) if prompts else 1} prompts "
                 f"({report.skipped_existing} already in the workspace) in {report.seconds:.1f} s{bound}",
@@ -194,9 +204,14 @@ def cmd_audit(args: argparse.Namespace) -> None:
 
     ws = _ws(args.workspace)
     params = params_from(ws, **{name: getattr(args, name) for name in AUDIT_SETTINGS})
+    try:
+        address = ws.get_setting("ray_address") if args.ray_address is None else config.check("ray_address", args.ray_address)
+        workers = ws.get_setting("ray_workers") if args.ray_workers is None else config.check("ray_workers", args.ray_workers)
+    except ValueError as e:
+        raise MemauditError(str(e)) from None
     progress = _progress_printer(not args.json, unit="generation")
     try:
-        run_id = run_audit(ws, params, progress=progress)
+        run_id = run_audit(ws, params, progress=progress, ray_address=address or None, ray_workers=workers)
     finally:
         if progress is not None:
             progress.close()  # type: ignore[attr-defined]
@@ -334,20 +349,20 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
-    from dashboard.launch import launch
+    from .launch import launch
 
     _ws(args.workspace)
     raise SystemExit(launch(args.workspace, port=args.port, host=args.host))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from . import demo
+    from .demo import runner as demo
 
     if args.workspace == "train-digits":
-        from .demo_digits import train_model
+        from .demo.digits import train_model
 
         report = train_model()
-        _emit(args, f"trained the digits model in {report.total_seconds:.0f} s (shadows: python -m core.demo_digits shadows)",
+        _emit(args, f"trained the digits model in {report.total_seconds:.0f} s (shadows: python -m core.demo.digits shadows)",
               {"out": str(report.out_dir), "seconds": report.total_seconds, "final_loss": report.final_loss})
         return
     if args.workspace == "train":
@@ -358,7 +373,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     lines = [result.summary, "", f"open the dashboard:  memaudit dashboard {args.workspace}"]
     _emit(args, "\n".join(lines), result.as_dict())
     if args.open:
-        from dashboard.launch import launch
+        from .launch import launch
 
         raise SystemExit(launch(args.workspace, port=args.port, host="127.0.0.1", open_browser=True))
 
@@ -481,6 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, flag in (("per_prompt", "--per-prompt"), ("steps", None), ("guidance", None), ("batch_size", "--batch-size"),
                        ("seed", None), ("device", None)):
         _setting_flag(p, name, flag)
+    p.add_argument("--ray", dest="ray_address", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster: --ray alone or --ray auto joins the one running on this machine, --ray local "
+                        "starts a private one, --ray HOST:PORT joins the head node at that address; one actor per GPU "
+                        "(or CPU) samples, this process alone writes the database (needs pip install 'memaudit[ray]'; "
+                        f"default: the ray_address setting, {config.default('ray_address')!r} for none)")
+    _setting_flag(p, "ray_workers", "--ray-workers")
 
     p.add_argument("--prompts-from-triage", type=int, metavar="RUN", help="take the prompts from this triage run, highest score first")
     p.add_argument("--top", type=int, help="with --prompts-from-triage: only the N highest-scoring prompts")
@@ -513,6 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workspace", help="workspace folder")
     for name in AUDIT_SETTINGS:
         _setting_flag(p, name)
+    p.add_argument("--ray", dest="ray_address", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster (auto, local or HOST:PORT, as for generate): one actor per CPU (or GPU) audits "
+                        "prompts and chunks of generations, this process alone writes the run; the result is the local run's "
+                        f"(default: the ray_address setting, {config.default('ray_address')!r} for none)")
+    _setting_flag(p, "ray_workers", "--ray-workers")
 
     p = add("inpaint", cmd_inpaint, "Inpainting attack (the paper's Figure 12): mask part of each image, let the model "
                                     "complete it N times, measure how close it comes for members and non-members; stores an inpainting run.")
@@ -568,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("dashboard", cmd_dashboard, "Start the review dashboard (Streamlit) on a workspace.")
     p.add_argument("workspace", help="workspace folder")
-    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--port", type=int, default=config.DASHBOARD_PORT, help=f"port (default {config.DASHBOARD_PORT})")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; anything else exposes the training set)")
 
     p = add("mia", cmd_mia, "Membership inference: score member and non-member images against a model (loss at a "
@@ -619,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "or `demo train-digits` the membership demo's digits model.")
     p.add_argument("workspace", nargs="?", default=DEFAULT_DEMO_WS, help=f"workspace folder (default {DEFAULT_DEMO_WS}), 'train' or 'train-digits'")
     p.add_argument("--open", action="store_true", help="start the dashboard on the result")
-    p.add_argument("--port", type=int, default=8501, help="dashboard port with --open (default 8501)")
+    p.add_argument("--port", type=int, default=config.DASHBOARD_PORT,
+                   help=f"dashboard port with --open (default {config.DASHBOARD_PORT})")
     p.add_argument("--train-steps", type=int, default=None, help="with `demo train`: training steps")
     p.add_argument("--seed", type=int, default=None, help="with `demo train`: training seed (default: the shipped model's)")
     return parser

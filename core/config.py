@@ -62,6 +62,13 @@ RANK_FLAGGED_BELOW = 0.999999
 RANK_SIZE_WEIGHT = 0.5
 RANK_DISTANCE_WEIGHT = 0.49
 
+# Where `memaudit dashboard` and `memaudit demo --open` serve by default (--port overrides it;
+# .streamlit/config.toml holds the same value for `streamlit run dashboard/app.py`).
+DASHBOARD_PORT = 8501
+# Most ids bound in one SQLite `IN (?, ?, ...)` query; longer lists are sent in chunks of this
+# many (SQLite before 3.32 refuses more than 999 variables in one statement).
+SQLITE_MAX_VARIABLES = 900
+
 
 def parse_grids(text: str) -> str:
     """'1, 2,4 ,8' -> '1,2,4,8': distinct positive grids, ascending ('' for none)."""
@@ -73,6 +80,12 @@ def parse_grids(text: str) -> str:
     if any(g < 1 or g > 64 for g in grids):
         raise ValueError(f"grid_choices must hold grids from 1 to 64, got {text!r}")
     return ",".join(map(str, grids))
+
+
+def _parse_ray_address(text: str) -> str:
+    from .cluster import parse_address
+
+    return parse_address(text)
 
 
 def grid_list(text: str) -> list[int]:
@@ -168,6 +181,14 @@ _SETTINGS = [
     Setting("seed", 0, int, "First seed: image j of every prompt uses seed + j.", 0, 2**63 - 1),
     Setting("device", "auto", str, "cuda, mps, cpu, or auto (the first available of those).",
             choices=("auto", "cuda", "mps", "cpu")),
+    # --- running on a Ray cluster (core/cluster.py; needs `pip install 'memaudit[ray]'`) ---
+    Setting("ray_address", "", str,
+            "Ray cluster that generation and the audit run on: '' for none (this process alone), auto (the cluster running on "
+            "this machine), local (a private instance with this machine's CPUs and GPUs) or HOST:PORT (the head "
+            "node's address that `ray start --head` prints).", parse=_parse_ray_address),
+    Setting("ray_workers", 0, int,
+            "Ray actors that hold the pipeline and sample (or audit): 0 for one per GPU of the cluster (one per CPU "
+            "on a cluster without GPUs, or with --device cpu); at most that many.", 0, None),
     # --- triage (core/triage.py): scoring prompts before generating ---
     Setting("triage_method", "noise-norm", str,
             "How triage scores a prompt: 'noise-norm' (Wen et al. 2024: magnitude of the text-conditional noise "

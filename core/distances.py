@@ -42,24 +42,6 @@ a band is a whole tile, 98 MB), so such a batch needs about 200 MB beyond the
 inputs. numpy inputs are not copied as a whole; torch inputs stay
 on their device and bands are moved to the compute device as needed.
 
-Exact pruning (``upper=``)
---------------------------
-Average pooling by f x f, aligned with the tiles, never increases a tile's
-normalised L2 (the square of a window's mean difference is at most the mean of
-the squared differences: Cauchy-Schwarz), so the tiled L2 of pooled images is a
-lower bound of the full-resolution one. With ``upper`` set, the pooled
-distances are computed first and full-resolution distances only for pairs whose
-lower bound is at most ``upper + 1e-3`` (the margin is twenty times the error
-bound of either computation); every other pair is returned as its lower bound,
-which is then > upper, as its distance is. So pruning changes no edge
-{d <= tau} for any tau <= upper: a pruned pair is above tau with or without
-pruning, and a computed pair gets its full-resolution distance, to the same
-5e-5 of direct differences as without pruning. Pruning is fastest when few
-pairs are close (most prompts); close pairs are grouped into connected
-components, each computed as one block (small ones by direct differences).
-When half the images or more have a close pair (a memorised prompt) nothing is
-left to save and every pair is computed, at the cost of the lower bounds (~5%).
-
 Several grids at once (``pairwise_tiled_l2_grids``)
 ---------------------------------------------------
 A tile of a coarser grid is a union of equal tiles of a finer one, so its squared
@@ -91,11 +73,8 @@ Array = Any  # np.ndarray | torch.Tensor
 _U = 2.0 ** -24  # float32 unit roundoff
 ERROR_FACTOR = 128.0  # multiple of u * (|x|^2 + |y|^2) / t bounding a product's squared-distance error
 TOLERANCE = 5e-5  # largest error accepted from the product form; worse pairs are recomputed
-PRUNE_MARGIN = 1e-3  # a pair is pruned when its lower bound exceeds upper + PRUNE_MARGIN
 CHUNK_BYTES = 128 << 20  # float32 bytes of one band (all rows of one band of one tile)
 _REFINE_MIN_ROWS = 6  # smaller groups of uncertain pairs go straight to direct differences
-_SMALL_COMPONENT = 12  # pruned path: components this small are computed by direct differences
-FULL_FRACTION = 0.5  # pruned path: with close pairs among this share of the images, compute everything
 
 
 # ---------------------------------------------------------------------------- validation
@@ -497,108 +476,9 @@ def _pairwise_sq_grids(a: torch.Tensor, b: torch.Tensor | None, grids: Sequence[
     return out
 
 
-# ---------------------------------------------------------------------------- pooling and pruning
-def _pool_factor(th: int, tw: int) -> int:
-    """The largest of 8, 4, 2 dividing both tile sides while leaving tiles of at least 4 x 4 (else 1)."""
-    for f in (8, 4, 2):
-        if th % f == 0 and tw % f == 0 and th // f >= 4 and tw // f >= 4:
-            return f
-    return 1
-
-
-def average_pool(x: Array, factor: int) -> torch.Tensor:
-    """Mean over non-overlapping factor x factor windows: (N, H, W, C) -> (N, H/f, W/f, C) float32.
-
-    Pooling aligned with the tiles never increases (tiled) normalised L2, so the
-    distances of pooled images are exact lower bounds of the full-resolution ones.
-    """
-    t = _as_images(x, "images")
-    h, w = int(t.shape[1]), int(t.shape[2])
-    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1 or h % factor or w % factor:
-        raise InputError(f"pool factor {factor!r} must be a positive integer dividing the image size {h} x {w}")
-    return _pool(t, int(factor))
-
-
-def _pool(t: torch.Tensor, f: int) -> torch.Tensor:
-    n, h, w, c = (int(s) for s in t.shape)
-    out = torch.empty(n, h // f, w // f, c, dtype=torch.float32, device=t.device)
-    ones = torch.full((f,), 1.0 / f, dtype=torch.float32, device=t.device)
-    per = max(1, CHUNK_BYTES // (h * w * c * 4))
-    for s in range(0, n, per):
-        part = t[s:s + per].to(torch.float32)
-        rows = torch.matmul(ones, part.reshape(-1, f, w * c))  # (rows of pooled pixels, w * c)
-        out[s:s + per] = torch.matmul(rows.view(-1, w // f, f, c).transpose(2, 3), ones).view(-1, h // f, w // f, c)
-    return out
-
-
-def _pruned(a: torch.Tensor, b: torch.Tensor | None, grid: int, device: torch.device, upper: float,
-            pool: int | None) -> torch.Tensor:
-    sym = b is None
-    th, tw = _check_tiles(a, grid)
-    f = _pool_factor(th, tw) if pool is None else int(pool)
-    if f < 1 or th % f or tw % f:
-        raise InputError(f"pool factor {f} does not divide the tile size {th} x {tw}")
-    if f == 1:
-        return _pairwise_sq(a, b, grid, device).sqrt_()
-    pa = _pool(a, f)
-    pb = None if sym else _pool(b, f)
-    dist = _pairwise_sq(pa, pb, grid, device).sqrt_()  # the lower bounds
-    keep = dist <= upper + PRUNE_MARGIN
-    if sym:
-        keep = torch.triu(keep, diagonal=1)
-    pi, pj = (v.cpu() for v in torch.nonzero(keep, as_tuple=True))
-    if len(pi) == 0:
-        return dist
-    n_a = int(a.shape[0])
-    offset = 0 if sym else n_a
-    parent = list(range(n_a + (0 if sym else int(b.shape[0]))))
-
-    def find(v: int) -> int:
-        while parent[v] != v:
-            parent[v] = parent[parent[v]]
-            v = parent[v]
-        return v
-
-    for i, j in zip(pi.tolist(), pj.tolist()):
-        ri, rj = find(i), find(j + offset)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    comps: dict[int, list[int]] = {}
-    involved = sorted({*pi.tolist(), *(j + offset for j in pj.tolist())})
-    if len(involved) >= FULL_FRACTION * len(parent):  # most images have a close pair: no saving left
-        return _pairwise_sq(a, b, grid, device).sqrt_()
-    for v in involved:
-        comps.setdefault(find(v), []).append(v)
-    small: list[int] = []
-    for nodes in comps.values():
-        if len(nodes) < _SMALL_COMPONENT:
-            small.extend(nodes)
-            continue
-        rows_a = torch.tensor([v for v in nodes if v < n_a] if not sym else nodes, dtype=torch.long)
-        if sym:
-            whole = len(nodes) == n_a  # one component holding every image: no gathering
-            block = _pairwise_sq(a, None, grid, device, ia=None if whole else rows_a).sqrt_()
-            dev_rows = rows_a.to(device)
-            dist[dev_rows[:, None], dev_rows[None, :]] = block
-        else:
-            rows_b = torch.tensor([v - offset for v in nodes if v >= n_a], dtype=torch.long)
-            block = _pairwise_sq(a, b, grid, device, ia=rows_a, ib=rows_b).sqrt_()
-            dist[rows_a.to(device)[:, None], rows_b.to(device)[None, :]] = block
-    if small:
-        small_set = set(small)
-        sel = torch.tensor([i in small_set for i in pi.tolist()], dtype=torch.bool)
-        si, sj = pi[sel], pj[sel]
-        if len(si):
-            vals = _direct_sq(a, a if sym else b, si, sj, grid, device).sqrt().to(torch.float32)
-            dist[si.to(device), sj.to(device)] = vals
-            if sym:
-                dist[sj.to(device), si.to(device)] = vals
-    return dist
-
-
 # ---------------------------------------------------------------------------- public API
-def pairwise_tiled_l2(a: Array, b: Array | None = None, grid: int = 4, *, device: str | torch.device | None = None,
-                      upper: float | None = None, pool: int | None = None) -> torch.Tensor:
+def pairwise_tiled_l2(a: Array, b: Array | None = None, grid: int = 4, *,
+                      device: str | torch.device | None = None) -> torch.Tensor:
     """Tiled L2 of every image of ``a`` against every image of ``b`` (or of ``a``): (N, M) float32.
 
     ``D[i, j] = max_p sqrt( sum_{k in tile p} (a[i]_k - b[j]_k)^2 / t )`` over the
@@ -606,12 +486,6 @@ def pairwise_tiled_l2(a: Array, b: Array | None = None, grid: int = 4, *, device
     is exactly symmetric with an exact zero diagonal. Accurate to 5e-5 of direct
     differences (see the module docstring: product form, centring, recomputation).
 
-    ``upper``: compute full-resolution distances only for pairs whose pooled lower
-    bound is <= upper + 1e-3; the others are returned as that lower bound (> upper),
-    so no edge {D <= tau} with tau <= upper changes. When half the images or more
-    have such a close pair, every pair is computed. ``pool`` is the pooling
-    factor of the lower bound (default: the largest of 8, 4, 2 that divides the
-    tile and leaves at least 4 x 4 pooled pixels per tile).
     """
     ta, tb = _pair(a, b)
     _check_tiles(ta, grid)
@@ -619,15 +493,7 @@ def pairwise_tiled_l2(a: Array, b: Array | None = None, grid: int = 4, *, device
     n, m = int(ta.shape[0]), int(ta.shape[0] if tb is None else tb.shape[0])
     if n == 0 or m == 0:
         return torch.zeros(n, m, dtype=torch.float32, device=dev)
-    if upper is not None:
-        upper = float(upper)
-        if not np.isfinite(upper) and upper > 0:
-            upper = None
-        elif not upper >= 0:
-            raise InputError(f"upper must be a distance >= 0, got {upper!r}")
-    if upper is None:
-        return _pairwise_sq(ta, tb, grid, dev).sqrt_()
-    return _pruned(ta, tb, grid, dev, upper, pool)
+    return _pairwise_sq(ta, tb, grid, dev).sqrt_()
 
 
 def check_grids(size: int, grids: Sequence[int]) -> tuple[int, ...]:
@@ -658,13 +524,12 @@ def pairwise_tiled_l2_grids(a: Array, b: Array | None = None, grids: Sequence[in
     return {g: d2.sqrt_() for g, d2 in _pairwise_sq_grids(ta, tb, grids, dev).items()}
 
 
-def pairwise_l2(a: Array, b: Array | None = None, *, device: str | torch.device | None = None,
-                upper: float | None = None) -> torch.Tensor:
+def pairwise_l2(a: Array, b: Array | None = None, *, device: str | torch.device | None = None) -> torch.Tensor:
     """Normalised L2 ``sqrt( sum_k (a[i]_k - b[j]_k)^2 / d )`` of every pair: (N, M) float32.
 
-    The tiled L2 with a 1 x 1 grid: same accuracy, memory bound and ``upper`` pruning.
+    The tiled L2 with a 1 x 1 grid: same accuracy and memory bound.
     """
-    return pairwise_tiled_l2(a, b, 1, device=device, upper=upper)
+    return pairwise_tiled_l2(a, b, 1, device=device)
 
 
 def paired_tiled_l2(a: Array, b: Array, grid: int = 4, *, device: str | torch.device | None = None) -> torch.Tensor:

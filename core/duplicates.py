@@ -56,6 +56,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from . import tempfiles
+from .config import SQLITE_MAX_VARIABLES
 from .errors import WorkspaceError
 from .store import Workspace
 
@@ -375,15 +376,15 @@ def _check(ws: Workspace, ids: np.ndarray, arrays: np.ndarray, sha: list[str], t
         touched = sorted({int(i) for i in ids[batch]} | {int(i) for i in a} | {int(i) for i in b})
         with ws.transaction() as con:
             con.executemany("INSERT OR IGNORE INTO duplicate_pairs(a, b, l2, similarity) VALUES (?, ?, ?, ?)", pairs)
-            for c in range(0, len(touched), 900):
-                chunk = touched[c:c + 900]
+            for c in range(0, len(touched), SQLITE_MAX_VARIABLES):
+                chunk = touched[c:c + SQLITE_MAX_VARIABLES]
                 marks = ",".join("?" * len(chunk))
                 con.execute(f"UPDATE training_images SET duplicate_count = 1 "
                             f"+ (SELECT COUNT(*) FROM duplicate_pairs WHERE a = training_images.id) "
                             f"+ (SELECT COUNT(*) FROM duplicate_pairs WHERE b = training_images.id) WHERE id IN ({marks})", chunk)
             done = [int(i) for i in ids[batch]]
-            for c in range(0, len(done), 900):
-                chunk = done[c:c + 900]
+            for c in range(0, len(done), SQLITE_MAX_VARIABLES):
+                chunk = done[c:c + SQLITE_MAX_VARIABLES]
                 con.execute(f"UPDATE training_images SET duplicates_checked = 1 WHERE id IN ({','.join('?' * len(chunk))})", chunk)
             con.execute("UPDATE duplicate_params SET groups_current = 0 WHERE id = 1")
         if progress:

@@ -36,7 +36,6 @@ import contextlib
 import errno
 import hashlib
 import inspect
-import io
 import json
 import os
 import re
@@ -44,13 +43,14 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from . import config, tempfiles
 from .errors import InputError, MemauditError, ModelError, WorkspaceError
-from .images import save_png_atomic, to_uint8
+from .images import png_bytes, save_png_atomic, to_uint8
+from .textfiles import decode_utf8, read_utf8
 from .store import Workspace, generation_folder, now, prompt_folder
 
 KINDS = ("text2image", "class", "unconditional")
@@ -182,19 +182,17 @@ def weights_hash(folder: str | Path) -> str:
 
 
 def _pipeline_class(class_name: Any) -> tuple[type, bool]:
-    """The class to load with, and whether it is one of memaudit's own pipelines (core.pipelines)."""
+    """The class to load with, and whether it is one of memaudit's own pipelines (core.demo.model).
+
+    Saved folders name their class only (``_class_name`` in ``model_index.json``), never its
+    module, so models saved before the pipelines moved into ``core.demo`` load the same.
+    """
     import diffusers
 
-    if isinstance(class_name, str):
-        try:
-            import importlib
+    from .demo import model as own
 
-            own = importlib.import_module("core.pipelines")
-        except ModuleNotFoundError as e:
-            if e.name not in ("core.pipelines",):
-                raise
-            own = None
-        if own is not None and isinstance(getattr(own, class_name, None), type):
+    if isinstance(class_name, str):
+        if isinstance(getattr(own, class_name, None), type):
             return getattr(own, class_name), True
         cls = getattr(diffusers, class_name, None)
         if isinstance(cls, type):
@@ -322,18 +320,24 @@ def load_pipeline(ref: str, device: str, accept: frozenset[str] = frozenset()) -
 
 
 # ---------------------------------------------------------------------------------- prompts
+PROMPTS_HINT = "save it as UTF-8 with one prompt per line"
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line: stripped, blank lines dropped, first occurrence kept, order kept."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such prompts file" if not path.exists() else f"{path} is a folder; pass a text file with one prompt per line")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 with one prompt per line") from None
+    text = read_utf8(path, "prompts file", "pass a text file with one prompt per line", PROMPTS_HINT)
+    return _prompt_lines(text, str(path))
+
+
+def parse_prompts(data: bytes, name: str) -> list[str]:
+    """``read_prompts`` for the bytes of an uploaded file called ``name``: the same prompts and errors."""
+    return _prompt_lines(decode_utf8(data, name, PROMPTS_HINT), name)
+
+
+def _prompt_lines(text: str, name: str) -> list[str]:
     prompts = _unique(line.strip() for line in text.splitlines())
     if not prompts:
-        raise InputError(f"{path} holds no prompts; write one prompt per line")
+        raise InputError(f"{name} holds no prompts; write one prompt per line")
     return prompts
 
 
@@ -363,7 +367,7 @@ def class_label(loaded: LoadedPipeline, text: str) -> int:
     raise InputError(f"prompt {text!r} is not a class of {loaded.ref}; give {span}{names}")
 
 
-def _conditioning(loaded: LoadedPipeline, prompts: Sequence[str] | None) -> list[tuple[str, int | None]]:
+def conditioning(loaded: LoadedPipeline, prompts: Sequence[str] | None) -> list[tuple[str, int | None]]:
     """(prompt text to store, class id or None) for each distinct prompt, checked against the model's kind."""
     prompts = [p.strip() for p in (prompts or [])]
     if loaded.kind == "unconditional":
@@ -378,7 +382,7 @@ def _conditioning(loaded: LoadedPipeline, prompts: Sequence[str] | None) -> list
         raise InputError(f"{loaded.ref} is a {loaded.kind} model and needs {what}; pass a file with one per line")
     if loaded.kind == "class":
         return [(t, class_label(loaded, t)) for t in texts]
-    check = getattr(loaded.pipeline, "caption_ids", None)  # pipelines with a fixed vocabulary (core.pipelines)
+    check = getattr(loaded.pipeline, "caption_ids", None)  # pipelines with a fixed vocabulary (core.demo.model)
     if callable(check):
         check(texts)
     return [(t, None) for t in texts]
@@ -439,15 +443,7 @@ def _as_batch(images: Any, n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- storing
-def _png_bytes(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _free_path(ws: Workspace, folder: str, stem: str) -> str:
+def free_path(ws: Workspace, folder: str, stem: str) -> str:
     """``folder/stem.png``, or ``folder/stem-2.png``... when another row (identical pixels) already uses it."""
     with ws.connect() as con:
         for k in range(1, 10_000):
@@ -464,7 +460,129 @@ def _disk_error(e: OSError, what: str) -> MemauditError:
     return WorkspaceError(f"cannot write {what} ({e.strerror or e}); check the workspace folder's permissions and free space")
 
 
-def _insert_rows(ws: Workspace, rows: list[dict[str, Any]]) -> int:
+def provenance(loaded: LoadedPipeline, *, steps: int, guidance: float | None) -> dict[str, Any]:
+    """What every row of one run shares: enough to rebuild the pipeline call exactly."""
+    import diffusers
+    import torch
+
+    sched = getattr(loaded.pipeline, "scheduler", None)
+    sched_config = json.loads(json.dumps(dict(getattr(sched, "config", {}) or {}), default=str))
+    return {
+        "model_ref": loaded.ref, "model_path": str(loaded.path), "hub_revision": loaded.revision,
+        "kind": loaded.kind, "weights_hash": loaded.weights_hash, "pipeline_class": loaded.pipeline_class,
+        "scheduler_class": loaded.scheduler, "scheduler_config": sched_config,
+        "steps": steps, "guidance": guidance, "dtype": loaded.dtype, "device": loaded.device,
+        "generator_device": "cpu", "seed_rule": "seed = base_seed + j for image j of each prompt",
+        "diffusers_version": diffusers.__version__, "torch_version": torch.__version__,
+    }
+
+
+class Unit(NamedTuple):
+    """One image to make: image ``index`` of a prompt, drawn with ``seed``."""
+
+    prompt_id: int
+    text: str  # the prompt as stored ('' for unconditional models)
+    label: int | None  # class id (class models)
+    index: int  # j: the image's place among the prompt's images
+    seed: int  # base seed + j
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run still has to make, read from the workspace by the one process that writes it."""
+
+    model_id: int
+    pending: list[Unit]  # in prompt order, then seed order; a run cuts it into batches in this order
+    planned: int  # prompts x per_prompt
+    guidance: float | None  # the guidance stored with each row (None: the model takes none)
+
+    @property
+    def skipped(self) -> int:
+        return self.planned - len(self.pending)
+
+
+def check_settings(per_prompt: int, steps: int, guidance: float, batch_size: int, seed: int) -> tuple[int, int, float, int, int]:
+    """The generation settings checked against their declarations (InputError naming the bad one)."""
+    try:
+        checked = tuple(config.check(name, value) for name, value in
+                        (("per_prompt", per_prompt), ("steps", steps), ("guidance", guidance), ("batch_size", batch_size), ("seed", seed)))
+    except ValueError as e:
+        raise InputError(f"{e}") from None
+    per_prompt, seed = checked[0], checked[4]
+    if seed + per_prompt - 1 > 2**63 - 1:
+        raise InputError(f"seed {seed} + {per_prompt} images per prompt passes 2**63 - 1; use a smaller seed")
+    return checked  # type: ignore[return-value]
+
+
+def plan(ws: Workspace, loaded: LoadedPipeline, conditions: Sequence[tuple[str, int | None]], per_prompt: int, *,
+         steps: int, guidance: float, seed: int) -> Plan:
+    """Record the model and the prompts, remove half-written files a killed run left, list the images not yet stored.
+
+    ``loaded`` may be a description without its pipeline (``dataclasses.replace(loaded, pipeline=None)``):
+    only its reference, kind, class, weights hash, scheduler name, size and guidance use are read.
+    """
+    used_guidance = float(guidance) if loaded.uses_guidance else None
+    model_id = ws.model_id(loaded.ref, loaded.kind, loaded.pipeline_class, loaded.weights_hash, loaded.scheduler)
+    with ws.transaction() as con:
+        prompt_ids = [ws.prompt_id(text, con) for text, _ in conditions]
+    for pid in prompt_ids:
+        # images a killed run left half-written (under this layout or the earlier one)
+        tempfiles.remove_stale(ws.root / prompt_folder(pid))
+        tempfiles.remove_stale(ws.root / "generations" / str(pid))
+
+    pending: list[Unit] = []
+    with ws.connect() as con:
+        for pid, (text, label) in zip(prompt_ids, conditions):
+            sql = ("SELECT seed FROM generations WHERE source = 'generate' AND model_id = ? AND prompt_id = ? "
+                   "AND steps = ? AND guidance IS ? AND seed BETWEEN ? AND ?")
+            args: list[Any] = [model_id, pid, steps, used_guidance, seed, seed + per_prompt - 1]
+            if loaded.size is not None:
+                sql += " AND height = ? AND width = ?"
+                args += list(loaded.size)
+            have = {r[0] for r in con.execute(sql, args)}
+            pending += [Unit(pid, text, label, j, seed + j) for j in range(per_prompt) if seed + j not in have]
+    return Plan(model_id=model_id, pending=pending, planned=len(conditions) * per_prompt, guidance=used_guidance)
+
+
+def sample_batch(loaded: LoadedPipeline, batch: Sequence[Unit], *, steps: int, guidance: float | None) -> np.ndarray:
+    """``sample`` for a batch of units, a device out of memory said in one line."""
+    try:
+        return sample(loaded, [(u.text, u.label) for u in batch], [u.seed for u in batch], steps=steps, guidance=guidance)
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        raise MemauditError(f"{loaded.device} ran out of memory at batch size {len(batch)}; rerun with a smaller "
+                            "batch size (finished images are kept and skipped)") from None
+
+
+def write_images(root: Path, batch: Sequence[Unit], images: np.ndarray, *, model_id: int, base: dict[str, Any],
+                 path_for: Callable[[str, str, bytes], str]) -> Iterator[dict[str, Any]]:
+    """Encode and write each image of a sampled batch atomically under ``root``; yield its row (not inserted).
+
+    ``path_for(folder, stem, png)`` names the file (relative to ``root``); ``base`` is the run's
+    ``provenance``. A row is yielded only once its file is complete, so a caller that inserts
+    the rows yielded before a failure never records a missing or partial file.
+    """
+    steps, guidance = base["steps"], base["guidance"]
+    for pos, (unit, image) in enumerate(zip(batch, images)):
+        pixels = to_uint8(image)
+        data = png_bytes(pixels)  # encoded once: the bytes hashed are the bytes stored
+        sha = hashlib.sha256(data).hexdigest()
+        rel = path_for(generation_folder(unit.prompt_id, "s", unit.seed), f"{unit.seed}-{sha[:12]}", data)
+        try:
+            save_png_atomic(data, root / rel)
+        except OSError as e:
+            raise _disk_error(e, root / rel) from None
+        params = dict(base, prompt=unit.text, class_label=unit.label, seed=unit.seed, base_seed=unit.seed - unit.index,
+                      index=unit.index, height=int(pixels.shape[0]), width=int(pixels.shape[1]),
+                      batch_size=len(batch), batch_position=pos, created_at=now())
+        yield {"prompt_id": unit.prompt_id, "model_id": model_id, "seed": unit.seed, "path": rel, "sha256": sha,
+               "width": int(pixels.shape[1]), "height": int(pixels.shape[0]), "steps": steps,
+               "guidance": guidance, "scheduler": base["scheduler_class"],
+               "params": json.dumps(params, sort_keys=True), "created_at": params["created_at"]}
+
+
+def insert_rows(ws: Workspace, rows: list[dict[str, Any]]) -> int:
     """Insert generation rows in one transaction, skipping any whose resume key is already stored."""
     if not rows:
         return 0
@@ -491,23 +609,6 @@ def _insert_rows(ws: Workspace, rows: list[dict[str, Any]]) -> int:
     return inserted
 
 
-def provenance(loaded: LoadedPipeline, *, steps: int, guidance: float | None) -> dict[str, Any]:
-    """What every row of one run shares: enough to rebuild the pipeline call exactly."""
-    import diffusers
-    import torch
-
-    sched = getattr(loaded.pipeline, "scheduler", None)
-    sched_config = json.loads(json.dumps(dict(getattr(sched, "config", {}) or {}), default=str))
-    return {
-        "model_ref": loaded.ref, "model_path": str(loaded.path), "hub_revision": loaded.revision,
-        "kind": loaded.kind, "weights_hash": loaded.weights_hash, "pipeline_class": loaded.pipeline_class,
-        "scheduler_class": loaded.scheduler, "scheduler_config": sched_config,
-        "steps": steps, "guidance": guidance, "dtype": loaded.dtype, "device": loaded.device,
-        "generator_device": "cpu", "seed_rule": "seed = base_seed + j for image j of each prompt",
-        "diffusers_version": diffusers.__version__, "torch_version": torch.__version__,
-    }
-
-
 def generate(ws: Workspace, model_ref: str, prompts: Sequence[str] | None, per_prompt: int, *, steps: int,
              guidance: float, batch_size: int, seed: int, device: str = "auto",
              progress: Callable[[int, int], None] | None = None,
@@ -517,90 +618,42 @@ def generate(ws: Workspace, model_ref: str, prompts: Sequence[str] | None, per_p
     ``progress(done, total)`` is called with total = planned images and done counting the skipped
     ones, once before the first batch and after every batch; ``should_stop()`` is asked before
     every batch and ends the run cleanly (report.stopped) when it returns True.
+    (``core.raygen.generate_on_ray`` is the same run spread over the actors of a Ray cluster.)
     """
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    try:
-        per_prompt = config.check("per_prompt", per_prompt)
-        steps = config.check("steps", steps)
-        guidance = config.check("guidance", guidance)
-        batch_size = config.check("batch_size", batch_size)
-        seed = config.check("seed", seed)
-    except ValueError as e:
-        raise InputError(f"{e}") from None
-    if seed + per_prompt - 1 > 2**63 - 1:
-        raise InputError(f"seed {seed} + {per_prompt} images per prompt passes 2**63 - 1; use a smaller seed")
+    per_prompt, steps, guidance, batch_size, seed = check_settings(per_prompt, steps, guidance, batch_size, seed)
     loaded = load_pipeline(model_ref, device)
-    conditions = _conditioning(loaded, prompts)
-    used_guidance = float(guidance) if loaded.uses_guidance else None
-    model_id = ws.model_id(loaded.ref, loaded.kind, loaded.pipeline_class, loaded.weights_hash, loaded.scheduler)
-    with ws.transaction() as con:
-        prompt_ids = [ws.prompt_id(text, con) for text, _ in conditions]
-    for pid in prompt_ids:  # images a killed run left half-written (under this layout or the earlier one)
-        tempfiles.remove_stale(ws.root / prompt_folder(pid))
-        tempfiles.remove_stale(ws.root / "generations" / str(pid))
-
-    pending: list[tuple[int, str, int | None, int, int]] = []  # (prompt_id, text, class id, j, seed)
-    with ws.connect() as con:
-        for pid, (text, label) in zip(prompt_ids, conditions):
-            sql = ("SELECT seed FROM generations WHERE source = 'generate' AND model_id = ? AND prompt_id = ? "
-                   "AND steps = ? AND guidance IS ? AND seed BETWEEN ? AND ?")
-            args: list[Any] = [model_id, pid, steps, used_guidance, seed, seed + per_prompt - 1]
-            if loaded.size is not None:
-                sql += " AND height = ? AND width = ?"
-                args += list(loaded.size)
-            have = {r[0] for r in con.execute(sql, args)}
-            pending += [(pid, text, label, j, seed + j) for j in range(per_prompt) if seed + j not in have]
-    planned = len(conditions) * per_prompt
-    skipped = planned - len(pending)
-    base = provenance(loaded, steps=steps, guidance=used_guidance)
+    todo = plan(ws, loaded, conditioning(loaded, prompts), per_prompt, steps=steps, guidance=guidance, seed=seed)
+    base = provenance(loaded, steps=steps, guidance=todo.guidance)
 
     generated, stopped = 0, False
     if progress:
-        progress(skipped, planned)
-    bar = tqdm(total=planned, initial=skipped, unit="img", desc="generate", disable=None)
+        progress(todo.skipped, todo.planned)
+    bar = tqdm(total=todo.planned, initial=todo.skipped, unit="img", desc="generate", disable=None)
     try:
-        for start in range(0, len(pending), batch_size):
+        for start in range(0, len(todo.pending), batch_size):
             if should_stop is not None and should_stop():
                 stopped = True
                 break
-            batch = pending[start:start + batch_size]
-            try:
-                images = sample(loaded, [(b[1], b[2]) for b in batch], [b[4] for b in batch], steps=steps, guidance=used_guidance)
-            except RuntimeError as e:
-                if "out of memory" not in str(e).lower():
-                    raise
-                raise MemauditError(f"{loaded.device} ran out of memory at batch size {batch_size}; rerun with a smaller "
-                                    "batch size (finished images are kept and skipped)") from None
+            batch = todo.pending[start:start + batch_size]
+            images = sample_batch(loaded, batch, steps=steps, guidance=todo.guidance)
             rows: list[dict[str, Any]] = []
             try:
-                for pos, ((pid, text, label, j, s), image) in enumerate(zip(batch, images)):
-                    pixels = to_uint8(image)
-                    data = _png_bytes(pixels)
-                    sha = hashlib.sha256(data).hexdigest()
-                    rel = _free_path(ws, generation_folder(pid, "s", s), f"{s}-{sha[:12]}")
-                    try:
-                        save_png_atomic(pixels, ws.root / rel)
-                    except OSError as e:
-                        raise _disk_error(e, ws.root / rel) from None
-                    params = dict(base, prompt=text, class_label=label, seed=s, base_seed=seed, index=j,
-                                  height=int(pixels.shape[0]), width=int(pixels.shape[1]),
-                                  batch_size=len(batch), batch_position=pos, created_at=now())
-                    rows.append({"prompt_id": pid, "model_id": model_id, "seed": s, "path": rel, "sha256": sha,
-                                 "width": int(pixels.shape[1]), "height": int(pixels.shape[0]), "steps": steps,
-                                 "guidance": used_guidance, "scheduler": loaded.scheduler,
-                                 "params": json.dumps(params, sort_keys=True), "created_at": params["created_at"]})
+                for row in write_images(ws.root, batch, images, model_id=todo.model_id, base=base,
+                                        path_for=lambda folder, stem, _png: free_path(ws, folder, stem)):
+                    rows.append(row)
             finally:
                 # rows of the images fully written before a failure are kept: nothing is half-written
-                generated += _insert_rows(ws, rows)
+                generated += insert_rows(ws, rows)
             bar.update(len(batch))
             if progress:
-                progress(skipped + generated, planned)
+                progress(todo.skipped + generated, todo.planned)
     finally:
         bar.close()
-    return GenerateReport(planned=planned, skipped_existing=skipped, generated=generated,
-                          seconds=time.perf_counter() - t0, stopped=stopped, model_id=model_id)
+    return GenerateReport(planned=todo.planned, skipped_existing=todo.skipped, generated=generated,
+                          seconds=time.perf_counter() - t0, stopped=stopped, model_id=todo.model_id)
 
 
 # ---------------------------------------------------------------------------------- regenerating

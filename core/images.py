@@ -10,6 +10,7 @@ palette and grayscale images become RGB, 16-bit images are scaled to 8 bits.
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from pathlib import Path
 
@@ -109,8 +110,18 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def save_png_atomic(array_or_image: np.ndarray | Image.Image, path: str | Path) -> None:
-    """Write a PNG so that the file is either absent or complete, even if the process is killed."""
+def png_bytes(array_or_image: np.ndarray | Image.Image) -> bytes:
+    """The PNG encoding of an image (float [0, 1] or uint8 pixels, or a PIL image): memaudit's one PNG encoder."""
     img = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(to_uint8(array_or_image))
-    with tempfiles.atomic_path(path, ".png") as tmp:
-        img.save(tmp, format="PNG")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png_atomic(image: np.ndarray | Image.Image | bytes, path: str | Path) -> None:
+    """Write a PNG so that the file is either absent or complete, even if the process is killed.
+
+    ``image`` is pixels or a PIL image, or bytes ``png_bytes`` returned (written as they are,
+    so a caller that hashes the encoding stores exactly the bytes it hashed).
+    """
+    tempfiles.write_bytes_atomic(path, image if isinstance(image, bytes) else png_bytes(image))

@@ -30,6 +30,7 @@ from . import tempfiles
 from .errors import ImageError, InputError, WorkspaceError
 from .images import IMAGE_SUFFIXES, load_image
 from .store import Workspace, generation_folder, now, prompt_folder
+from .textfiles import read_utf8
 
 REQUIRED_COLUMNS = ("path", "prompt")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -56,12 +57,7 @@ class ImportReport:
 def read_manifest(path: str | Path) -> list[ManifestRow]:
     """Parse a manifest file (CSV or JSONL, chosen by suffix, else by a first character '{')."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such manifest file" if not path.exists() else f"{path} is a folder; pass the manifest file (CSV or JSONL)")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not UTF-8 text (byte {e.start}); save the manifest as UTF-8") from None
+    text = read_utf8(path, "manifest file", "pass the manifest file (CSV or JSONL)", "save the manifest as UTF-8")
     suffix = path.suffix.lower()
     fmt = "jsonl" if suffix in JSONL_SUFFIXES else "csv" if suffix in (".csv", ".txt") else (
         "jsonl" if text.lstrip().startswith("{") else "csv")

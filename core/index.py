@@ -55,8 +55,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from . import tempfiles
+from .config import SQLITE_MAX_VARIABLES
 from .embed import Embedder, embedder_params, get_embedder, require_finite
-from .errors import WorkspaceError
+from .errors import ImageError, WorkspaceError
 from .store import Workspace, now
 
 log = logging.getLogger("memaudit.index")
@@ -299,7 +300,7 @@ class TrainingIndex:
         with self.ws.connect() as con:
             paths = {r["id"]: r["path"] for r in con.execute(
                 f"SELECT id, path FROM training_images WHERE id IN ({','.join('?' * len(ids))})", [int(i) for i in ids])} \
-                if len(ids) <= 900 else {r["id"]: r["path"] for r in con.execute("SELECT id, path FROM training_images")}
+                if len(ids) <= SQLITE_MAX_VARIABLES else {r["id"]: r["path"] for r in con.execute("SELECT id, path FROM training_images")}
         out = []
         batch = 32
         for start in range(0, len(ids), batch):
@@ -309,7 +310,7 @@ class TrainingIndex:
                 path = self.ws.resolve(paths[int(tid)])
                 try:
                     images.append(load_image(path))
-                except Exception as e:
+                except ImageError as e:  # missing, unreadable or damaged: what load_image reports
                     raise WorkspaceError(f"training image {int(tid)} ({paths[int(tid)]}) cannot be read from the workspace "
                                          f"({e}); restore the file") from None
             out.append(self.embedder.embed(images))
@@ -571,13 +572,3 @@ def _describe(params: Any) -> str:
     if not isinstance(params, dict):
         return "none"
     return ", ".join(f"{k} {v}" for k, v in params.items() if k in ("pixel_size", "clip_model", "clip_pretrained")) or "none"
-
-
-def index_status(ws: Workspace) -> list[dict[str, Any]]:
-    """The ``indexes`` rows as dicts (for status displays)."""
-    with ws.connect() as con:
-        return [dict(r) for r in con.execute("SELECT * FROM indexes ORDER BY embedder")]
-
-
-def index_folder(ws: Workspace) -> Path:
-    return ws.root / INDEX_DIR

@@ -100,11 +100,6 @@ def current_labels(ws: Workspace) -> dict[Pair, dict[str, str]]:
     return out
 
 
-def candidate_labels(ws: Workspace, candidate: Candidate, labels: dict[Pair, dict[str, str]] | None = None) -> dict[str, str]:
-    labels = current_labels(ws) if labels is None else labels
-    return labels.get((candidate.medoid_generation_id, candidate.nearest_training_id), {})
-
-
 def review_queue(ws: Workspace, run_id: int | None, reviewer: str, *, unlabeled_only: bool = True) -> list[Candidate]:
     """Candidates in review order (most suspicious first), without those ``reviewer`` has labelled when asked."""
     return review_state(ws, run_id, reviewer, unlabeled_only=unlabeled_only).queue

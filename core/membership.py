@@ -92,7 +92,7 @@ def denoiser(loaded: Any) -> Denoiser:
     elif loaded.kind == "class":
         kind = "class"
     elif callable(getattr(pipe, "caption_ids", None)):
-        kind = "caption"  # core.pipelines.CaptionConditionedPipeline: captions are class ids
+        kind = "caption"  # core.demo.model.CaptionConditionedPipeline: captions are class ids
     elif callable(getattr(pipe, "encode_prompt", None)):
         kind = "text"
     else:

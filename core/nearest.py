@@ -26,6 +26,16 @@ computed by matrix products in float32 and lowered by a rigorous rounding margin
 (gamma_n (|q| + |t|)^2 on the squared distance, n the dimension), so a rounding error can
 only cost an extra exact distance, never a wrong answer.
 
+Dense level. Where the pooled bounds cannot separate the nearest images from the rest (a
+generation that copies nothing lies about as far from its nearest training images as from
+thousands of others, and their differences are in the detail pooling averages away), a query
+that has measured DENSE_AFTER images without being settled takes a third
+bound: the full working-size distance to every training image from one float32 product, lowered
+by the same rounding margin. It is tight, so the exact distances then measured are about the k
+nearest; it costs one matrix product of the query against the training set (brute force's
+cost, without its per-pair exact distances). It is used when the training set's working-size
+pixels fit in DENSE_BYTES, held as one matrix that also serves the exact distances.
+
 Budget. A generation may compute at most ``budget`` exact distances (setting
 ``nearest_budget``). When the budget stops a search, the answer is the best found and is
 marked not certified, with ``lower``, a lower bound of the true k-th nearest distance.
@@ -54,6 +64,8 @@ CACHE_BYTES = 2 << 30  # working-size training pixels kept decoded
 QUERY_BLOCK_BYTES = 256 << 20  # float32 bytes of one block of coarse bounds (queries x training)
 FIRST_CHUNK = 8  # exact distances per generation in the first refine round (doubling after)
 STAGE = 256  # images in a query's first stage of coarse bounds (each later stage four times as many)
+DENSE_BYTES = 2 << 30  # training sets whose working-size pixels fit in this are held as one matrix (the dense level)
+DENSE_AFTER = 16  # exact distances after which an unsettled query takes the dense bound
 _U = 2.0 ** -24
 
 
@@ -128,6 +140,24 @@ class TrainingPyramid:
         self.fine_norm = np.linalg.norm(fine, axis=1).astype(np.float32)
         self._pixels: OrderedDict[int, np.ndarray] = OrderedDict()
         self._keep = max(16, CACHE_BYTES // (size * size * 3 * 4))
+        self._dense: np.ndarray | None = None  # (n, S * S * 3) float32 working-size pixels, once built
+        self._dense_norm: np.ndarray | None = None
+
+    def dense(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The whole training set's working-size pixels as one (n, S * S * 3) float32 matrix and its
+        row norms, built on first use; None when it would exceed DENSE_BYTES."""
+        dim = self.size * self.size * 3
+        if len(self.ids) * dim * 4 > DENSE_BYTES:
+            return None
+        if self._dense is None:
+            m = np.empty((len(self.ids), dim), np.float32)
+            for start in range(0, len(self.ids), 1024):
+                ids = self.ids[start:start + 1024]
+                m[start:start + len(ids)] = self.pixels(ids, keep=False).reshape(len(ids), dim)
+            self._dense_norm = np.sqrt((m.astype(np.float64) ** 2).sum(axis=1)).astype(np.float32) if len(m) else np.zeros(0, np.float32)
+            self._dense = m
+            self._pixels.clear()  # the matrix serves every later request
+        return self._dense, self._dense_norm
 
     @classmethod
     def from_loader(cls, size: int, ids: np.ndarray, loader: Callable[[list[int]], np.ndarray],
@@ -197,6 +227,9 @@ class TrainingPyramid:
 
     def pixels(self, ids: np.ndarray, keep: bool = True) -> np.ndarray:
         """Working-size arrays (len(ids), S, S, 3) float32 of training images by id."""
+        if self._dense is not None:
+            rows = np.searchsorted(self.ids, np.asarray(ids, np.int64).reshape(-1))
+            return self._dense[rows].reshape(len(rows), self.size, self.size, 3)
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
         out = np.empty((len(ids), self.size, self.size, 3), np.float32)
         todo = []
@@ -260,8 +293,10 @@ def certified_nearest(queries: np.ndarray, pyramid: TrainingPyramid, k: int, *, 
             ids[q, j], l2[q, j] = pyramid.ids[r], d
         count[q] = len(measured[q])
     rows = np.searchsorted(pyramid.ids, ids)
-    diff = qf[:, None, :].astype(np.float64) - pyramid.fine[rows].astype(np.float64)
-    pooled = np.sqrt((diff ** 2).sum(axis=2)).astype(np.float32)
+    pooled = np.empty((q_n, m), np.float32)
+    for start in range(0, q_n, 64):  # (64, m, fine dim) float64 at a time
+        diff = qf[start:start + 64, None, :].astype(np.float64) - pyramid.fine[rows[start:start + 64]].astype(np.float64)
+        pooled[start:start + 64] = np.sqrt((diff ** 2).sum(axis=2))
     return Nearest(ids, l2, certified, lower, count, pooled)
 
 
@@ -279,6 +314,26 @@ def _search_block(queries: np.ndarray, qs: np.ndarray, coarse: np.ndarray, qf: n
     cand_lb: list[np.ndarray] = [np.zeros(0, np.float32) for _ in qs]
     chunk = np.full(len(qs), FIRST_CHUNK)
     done = np.zeros(len(qs), bool)
+    dense_ok = len(qs) > 0 and pyramid.size ** 2 * 3 * n * 4 <= DENSE_BYTES
+    switched = np.zeros(len(qs), bool)
+
+    def densify(waiting: np.ndarray) -> None:
+        """Queries ``waiting`` take the dense bound: every image not measured yet is a candidate,
+        by the larger of its coarse and full working-size bounds."""
+        t, tn = pyramid.dense()
+        dim = t.shape[1]
+        for start in range(0, len(waiting), 64):
+            part = waiting[start:start + 64]
+            qv = queries[qs[part]].reshape(len(part), dim).astype(np.float32)
+            qn = np.sqrt((qv.astype(np.float64) ** 2).sum(axis=1)).astype(np.float32)
+            full = np.sqrt(_bound_sq(qv, t, qn, tn) / dim)
+            for j, i in enumerate(part.tolist()):
+                seen = np.fromiter(measured[int(qs[i])].keys(), np.int64)
+                rows = np.setdiff1d(np.arange(n), seen, assume_unique=True)
+                bound = np.maximum(full[j, rows], coarse[i, rows]).astype(np.float32)
+                order = np.argsort(bound, kind="stable")
+                cand_rows[i], cand_lb[i] = rows[order], bound[order]
+                staged[i], edge[i], switched[i] = n, np.inf, True
 
     def enter(i: int) -> None:
         """The next stage of query i: the images of the next larger coarse bounds."""
@@ -301,6 +356,11 @@ def _search_block(queries: np.ndarray, qs: np.ndarray, coarse: np.ndarray, qf: n
         cand_rows[i], cand_lb[i] = rows[order], lbs[order]
 
     while not done.all():
+        if dense_ok:
+            counts = np.fromiter((len(measured[int(q)]) for q in qs), np.int64, len(qs))
+            waiting = np.flatnonzero(~done & ~switched & (counts >= DENSE_AFTER))
+            if len(waiting):
+                densify(waiting)
         pairs = []
         for i in np.flatnonzero(~done):
             q = int(qs[i])

@@ -83,16 +83,6 @@ class CliqueGroup:
 
 
 @dataclass(frozen=True)
-class Neighbour:
-    training_id: int
-    rank: int
-    l2: float
-    tiled_l2: float
-    similarity: float  # embedder similarity (cosine for clip, 1 - l2 for pixel)
-    relative_l2: float | None = None
-
-
-@dataclass(frozen=True)
 class Candidate:
     id: int
     run_id: int

@@ -1,4 +1,4 @@
-"""Shadow models for LiRA: K models trained by ``core.train`` on random halves of one pool.
+"""Shadow models for LiRA: K models trained by ``core.demo.trainer`` on random halves of one pool.
 
 Which shadow sees which image: with ``numpy.random.default_rng(seed)``, for every pool image
 in order a permutation of the K shadows is drawn and the image is IN for the first K/2 of
@@ -8,7 +8,7 @@ Shadow i trains with seed ``seed * 1000 + i`` on the images IN for it, listed in
 paths and sha256 of every image), the IN matrix, the seeds and the training recipe.
 
 Resumable: a rerun skips finished shadows and continues an interrupted one from its last
-checkpoint (``core.train`` resumes). A rerun with another pool, K, seed or recipe into the
+checkpoint (``core.demo.trainer`` resumes). A rerun with another pool, K, seed or recipe into the
 same folder is refused rather than mixed.
 
 ``compact`` stores each finished shadow's weights in float16 (halving the shipped demo's
@@ -83,10 +83,10 @@ def train_shadows(pool: str | Path, out_dir: str | Path, *, count: int, seed: in
                   should_stop: Callable[[], bool] | None = None) -> ShadowSet:
     """Train (or finish training) ``count`` shadows on random halves of ``pool`` into ``out_dir``.
 
-    ``recipe`` holds ``core.train.train`` keywords (steps, size, channels, unconditional, ...);
+    ``recipe`` holds ``core.demo.trainer.train`` keywords (steps, size, channels, unconditional, ...);
     its ``seed`` is replaced per shadow. ``progress(i, count, seconds)`` after each shadow.
     """
-    from .train import train
+    from .demo.trainer import train
 
     images = read_image_set(pool, what="shadow pool")
     recipe = {k: (list(v) if isinstance(v, tuple) else v) for k, v in recipe.items() if k != "seed"}
@@ -156,7 +156,7 @@ def load_shadows(out_dir: str | Path, *, require_all: bool = True) -> ShadowSet:
 
 
 def recipe_of(model_dir: str | Path) -> dict[str, Any]:
-    """The training recipe recorded by ``core.train`` in ``model_dir/training.json`` (for shadows trained alike)."""
+    """The training recipe recorded by ``core.demo.trainer`` in ``model_dir/training.json`` (for shadows trained alike)."""
     log = Path(model_dir) / "training.json"
     if not log.is_file():
         raise InputError(f"{model_dir} has no training.json (it was not trained by memaudit); give the recipe "

@@ -38,12 +38,14 @@ from typing import Callable, Iterable
 import numpy as np
 
 from . import duplicates, tempfiles
+from .config import SQLITE_MAX_VARIABLES
 from .embed import PixelEmbedder
 from .errors import ImageError, InputError
 from .images import load_image, sha256_file
 from .index import TrainingIndex
 from .records import TrainingImage
 from .store import Workspace, now
+from .textfiles import read_utf8
 
 TRAINING_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 KEY_COLUMNS = ("file", "path")
@@ -69,20 +71,6 @@ def _norm_key(key: str) -> str:
     while key.startswith("./"):
         key = key[2:]
     return key
-
-
-def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such captions file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder; pass a CSV or JSONL captions file") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as UTF-8") from None
 
 
 def _add_caption(out: dict[str, str], key: object, caption: object, where: str) -> None:
@@ -154,7 +142,7 @@ def read_captions(path: str | Path) -> dict[str, str]:
     .ndjson, .json), otherwise by the first character ('{' means JSON Lines).
     """
     path = Path(path).expanduser()
-    text = _read_text(path)
+    text = read_utf8(path, "captions file", "pass a CSV or JSONL captions file")
     if not text.strip():
         raise InputError(f"{path}: empty captions file")
     suffix = path.suffix.lower()
@@ -406,8 +394,8 @@ def training_images(ws: Workspace, ids: Iterable[int] | None = None) -> list[Tra
         else:
             wanted = [int(i) for i in ids]
             found = {}
-            for s in range(0, len(wanted), 900):
-                chunk = wanted[s:s + 900]
+            for s in range(0, len(wanted), SQLITE_MAX_VARIABLES):
+                chunk = wanted[s:s + SQLITE_MAX_VARIABLES]
                 for r in con.execute(f"SELECT {cols} FROM training_images WHERE id IN ({','.join('?' * len(chunk))})", chunk):
                     found[r["id"]] = r
             rows = [found[i] for i in wanted if i in found]

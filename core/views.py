@@ -7,7 +7,6 @@ The queries behind the pages live in ``core.results`` (runs, candidates, counts)
 from __future__ import annotations
 
 import base64
-import io
 
 import numpy as np
 
@@ -95,18 +94,10 @@ def blend(a: np.ndarray, b: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     return (1.0 - alpha) * np.asarray(a, np.float32) + alpha * np.asarray(b, np.float32)
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    from .images import to_uint8
-
-    buf = io.BytesIO()
-    Image.fromarray(to_uint8(array)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def data_uri(array: np.ndarray) -> str:
     """A PNG data URI (for HTML that must not reference any file or URL)."""
+    from .images import png_bytes
+
     return "data:image/png;base64," + base64.b64encode(png_bytes(array)).decode("ascii")
 
 

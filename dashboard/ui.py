@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import streamlit as st
 
-from core import rethreshold, views
+from core import config, rethreshold, views
 from core import runs as audit_runs
 from core.errors import MemauditError
 from core.images import to_uint8
@@ -239,6 +239,23 @@ def blink_html(a: np.ndarray, b: np.ndarray, size: int, period: float = 1.2, lab
 """
 
 
+JS_MAX_INT = 2**53 - 1  # the largest integer a browser's number input holds exactly
+
+
+def number_setting(container: Any, label: str, name: str, value: Any, *, key: str, **kwargs: Any) -> Any:
+    """``container.number_input`` for setting ``name``: its bounds and help from core.config (integer
+    bounds capped at JS_MAX_INT, which the browser can hold)."""
+    s = config.SETTINGS[name]
+    lo, hi = s.minimum, s.maximum
+    if s.type is int:
+        lo = None if lo is None else int(max(lo, -JS_MAX_INT))
+        hi = None if hi is None else int(min(hi, JS_MAX_INT))
+        value = int(value)
+    else:
+        lo, hi, value = (None if lo is None else float(lo)), (None if hi is None else float(hi)), float(value)
+    return container.number_input(label, lo, hi, value, key=key, help=s.help, **kwargs)
+
+
 def error(e: BaseException) -> None:
     """A user error as one sentence; anything else with its traceback."""
     if isinstance(e, MemauditError):
@@ -248,12 +265,28 @@ def error(e: BaseException) -> None:
 
 
 # ---------------------------------------------------------------------------- sign-in
+def _secrets_files() -> list[str]:
+    """The secrets files or folders Streamlit reads (option ``secrets.files``) that exist."""
+    return [p for p in st.get_option("secrets.files") if os.path.exists(p)]
+
+
 def sign_in_required() -> bool:
-    """True when .streamlit/secrets.toml has an [auth] section (a shared deployment)."""
+    """True when .streamlit/secrets.toml has an [auth] section (a shared deployment); False with no secrets file.
+
+    A secrets file that exists but cannot be read (not TOML, not UTF-8, unreadable) stops every page
+    with a message: serving without sign-in because of a typo would open a shared dashboard to all.
+    """
     try:
         return "auth" in st.secrets
-    except Exception:  # no secrets.toml: a single-user dashboard on loopback
-        return False
+    except Exception as e:  # noqa: BLE001 - whatever went wrong, an unreadable file must not turn sign-in off
+        present = _secrets_files()
+        if not present and isinstance(e, FileNotFoundError):
+            return False  # no secrets file: a single-user dashboard on loopback
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        st.error(f"The secrets file ({', '.join(present) or 'secrets.files'}) cannot be read, so whether this dashboard "
+                 f"needs sign-in is unknown: {reason}. Fix or remove the file and restart the dashboard.")
+        st.stop()
+        raise  # st.stop raises; this line is never reached
 
 
 def require_sign_in() -> None:

@@ -24,7 +24,7 @@ def running_dashboard(ws_root: str | Path, port: int, log_path: Path, *, cwd: st
                       timeout: float = 90) -> Iterator[str]:
     """Start the launcher's own command for ``ws_root``, yield its base URL once /_stcore/health
     answers ok, and stop it afterwards (terminate, then kill after 10 s)."""
-    from dashboard import launch
+    from core import launch
 
     with open(log_path, "w") as log:
         proc = subprocess.Popen(launch.command(ws_root, port=port), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)

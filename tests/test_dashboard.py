@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import audit, labels, results, rethreshold, runs
-from dashboard import launch, ui
+from core import audit, labels, launch, results, rethreshold, runs
+from dashboard import ui
 from dashboard.jobs import Job, JobRegistry
 from dashboard_data import empty_workspace, ingested_copy, labelled_copy, unlabelled_workspace
 
@@ -304,6 +304,33 @@ def test_generate_shows_a_bad_model_as_one_message(planted, tmp_path):
     assert not at.error
 
 
+def test_generate_bounds_come_from_config_and_a_prompts_file_that_is_not_utf8_is_refused_as_the_cli_does(planted, tmp_path):
+    from core import config
+    from core.errors import InputError
+    from core.generate import read_prompts
+
+    ws, _ = planted
+    at = no_exception(open_app(ws, "generate"))
+    for key, name in (("generate_per_prompt", "per_prompt"), ("generate_steps", "steps"), ("generate_guidance", "guidance"),
+                      ("generate_batch", "batch_size"), ("generate_seed", "seed")):
+        s, widget = config.SETTINGS[name], at.number_input(key=key)
+        assert widget.min == s.minimum and widget.max == (None if s.maximum is None else min(s.maximum, ui.JS_MAX_INT)), name
+        assert widget.value == ws.settings()[name]
+    latin1 = "a photo of coffee\nun café noir\n".encode("latin-1")
+    (tmp_path / "prompts.txt").write_bytes(latin1)
+    with pytest.raises(InputError) as cli:
+        read_prompts(tmp_path / "prompts.txt")
+    at.file_uploader(key="generate_upload").upload("prompts.txt", latin1, "text/plain").run()
+    no_exception(at)
+    assert texts(at.error) == [str(cli.value).replace(str(tmp_path / "prompts.txt"), "prompts.txt")]
+    assert "byte 0xe9 on line 2" in at.error[0].value
+    assert "caf" not in (at.text_area(key="generate_prompts_text").value or "")  # nothing decoded with replacements
+    at.file_uploader(key="generate_upload").clear()
+    at.file_uploader(key="generate_upload").upload("good.txt", "a photo of coffee\nun café noir\n".encode(), "text/plain").run()
+    no_exception(at)
+    assert at.text_area(key="generate_prompts_text").value == "a photo of coffee\nun café noir" and not at.error
+
+
 def test_generate_runs_in_the_background_and_resumes(tiny_unconditional, tmp_path):
     ws = empty_workspace(tmp_path / "ws")
     state = dict(generate_per_prompt=3, generate_steps=2, generate_batch=2, generate_device="cpu")
@@ -467,7 +494,7 @@ def test_launch_open_needs_no_terminal_and_no_streamlit_home(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = f"from dashboard.launch import launch; raise SystemExit(launch({str(ws.root)!r}, port={port}, open_browser=True))"
+    code = f"from core.launch import launch; raise SystemExit(launch({str(ws.root)!r}, port={port}, open_browser=True))"
     log = tmp_path / "launch.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
@@ -527,7 +554,7 @@ def test_launch_serves_the_workspace_and_stops_with_its_server(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = f"from dashboard.launch import launch; raise SystemExit(launch({str(ws.root)!r}, port={port}))"
+    code = f"from core.launch import launch; raise SystemExit(launch({str(ws.root)!r}, port={port}))"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60

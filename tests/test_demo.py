@@ -3,8 +3,8 @@
 import csv
 
 from core import results
-from core.demo import build_demo
-from core.demo_data import DEMO_SOURCES
+from core.demo.data import DEMO_SOURCES
+from core.demo.runner import build_demo
 from core.store import Workspace
 
 
@@ -41,12 +41,12 @@ def test_demo_flags_duplicated_images_and_not_novel_ones(tmp_path):
 def test_demo_train_uses_the_shipped_recipe(monkeypatch):
     """`memaudit demo train` retrains with the recorded steps, seed and thread count (the weights
     depend on all three); the real training run is covered by tests/test_train.py."""
-    import core.train
+    import core.demo.trainer
     from core.cli import main
-    from core.demo_data import DEMO_DATA_DIR, DEMO_MODEL_DIR, DEMO_TRAIN_SEED, DEMO_TRAIN_STEPS, DEMO_TRAIN_THREADS
+    from core.demo.data import DEMO_DATA_DIR, DEMO_MODEL_DIR, DEMO_TRAIN_SEED, DEMO_TRAIN_STEPS, DEMO_TRAIN_THREADS
 
     calls = []
-    monkeypatch.setattr(core.train, "train", lambda *a, **k: calls.append((a, k)) or "report")
+    monkeypatch.setattr(core.demo.trainer, "train", lambda *a, **k: calls.append((a, k)) or "report")
     assert main(["demo", "train"]) == 0
     assert calls == [((DEMO_DATA_DIR, DEMO_MODEL_DIR), {"steps": DEMO_TRAIN_STEPS, "seed": DEMO_TRAIN_SEED, "threads": DEMO_TRAIN_THREADS})]
     assert main(["demo", "train", "--train-steps", "7", "--seed", "3"]) == 0

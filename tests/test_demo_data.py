@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from core.demo_data import (DEMO_DATA_DIR, DEMO_PROMPTS, DEMO_SOURCES, IMAGES, MIN_CONTRAST, MIN_SEPARATION, SIZE,
+from core.demo.data import (DEMO_DATA_DIR, DEMO_PROMPTS, DEMO_SOURCES, IMAGES, MIN_CONTRAST, MIN_SEPARATION, SIZE,
                             build_dataset, check_images, contrast, separation)
 from core.images import load_image
 

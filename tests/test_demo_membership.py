@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import demo_digits as dd
+from core.demo import digits as dd
 from core.imagesets import file_digests
 
 

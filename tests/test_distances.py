@@ -10,7 +10,7 @@ from hypothesis.extra import numpy as hnp
 
 import core.distances as distances
 from core.distances import (
-    average_pool, check_grid, cosine_distance, paired_l2, paired_tiled_l2, pairwise_l2, pairwise_tiled_l2,
+    check_grid, cosine_distance, paired_l2, paired_tiled_l2, pairwise_l2, pairwise_tiled_l2,
     relative_l2,
 )
 from core.errors import InputError
@@ -138,11 +138,6 @@ def test_properties(x, grid):
     assert torch.all(d >= plain - 5e-5)  # a maximum over tiles is at least their mean
     ref = reference_tiled(x, x, grid)
     np.testing.assert_allclose(d.numpy(), ref, atol=5e-5, rtol=0)
-    # pooled images give lower bounds, per tile as well
-    for f in (2, 4):
-        if x.shape[1] // grid % f == 0:
-            pooled = average_pool(x, f)
-            assert torch.all(pairwise_tiled_l2(pooled, grid=grid) <= d + 5e-5)
 
 
 @settings(max_examples=30, deadline=None)
@@ -238,13 +233,6 @@ def test_bad_grid_sets_raise(grids, message):
         distances.pairwise_tiled_l2_grids(x, grids=grids)
 
 
-def test_average_pool_is_the_window_mean():
-    rng = np.random.default_rng(0)
-    x = rng.random((3, 8, 12, 2), dtype=np.float32)
-    want = x.reshape(3, 2, 4, 3, 4, 2).mean(axis=(2, 4))
-    np.testing.assert_allclose(average_pool(x, 4).numpy(), want, atol=1e-6)
-
-
 # ---------------------------------------------------------------------------- near zero
 def test_product_form_is_exact_near_zero():
     """Identical images give exactly 0; near copies agree with direct differences to 1e-4."""
@@ -308,8 +296,6 @@ def test_cuda_agrees_with_cpu():
     assert gpu.device.type == "cuda"
     np.testing.assert_allclose(gpu.cpu().numpy(), cpu.numpy(), atol=1e-4, rtol=0)
     assert torch.all(gpu.diagonal() == 0)
-    np.testing.assert_allclose(pairwise_tiled_l2(x, grid=4, device="cuda", upper=0.05).cpu().numpy() <= 0.05,
-                               cpu.numpy() <= 0.05)
 
 
 @pytest.mark.gpu
@@ -339,64 +325,6 @@ def test_cuda_grids_and_paired_distances_agree_with_cpu_and_identical_images_are
         np.testing.assert_allclose(tiled_gpu[g].cpu().numpy(), tiled_cpu[g].numpy(), atol=1e-4, rtol=0)
         assert torch.all(tiled_gpu[g][::3].cpu() == 0)
     assert torch.all(l2_gpu[::3].cpu() == 0)
-
-
-# ---------------------------------------------------------------------------- exact pruning
-def pruning_set(size: int = 64) -> np.ndarray:
-    """Photographs, clusters of copies at assorted distances, and singletons: distances from 0 to ~0.5."""
-    rng = np.random.default_rng(4)
-    photos = photographs(size)
-    groups = [near_copies(rng, photos[0], [0.003, 0.01, 0.03, 0.05, 0.08, 0.1, 0.12, 0.15]),
-              near_copies(rng, photos[1], [0.02, 0.04, 0.06, 0.09, 0.11]),
-              near_copies(rng, photos[2], [0.07, 0.2]),
-              np.clip(photos[3:] * 0.9 + 0.05, 0, 1).astype(np.float32),
-              photos[3:]]
-    return np.concatenate(groups)
-
-
-@pytest.mark.parametrize("components", [True, False], ids=["components", "default"])
-@pytest.mark.parametrize("upper", [0.0, 0.05, 0.1, 0.15])
-def test_pruning_changes_no_edge_at_any_tau_up_to_upper(upper, components, monkeypatch):
-    """Most of these images have a close pair: by default pruning computes everything
-    from upper = 0.1; with components forced, the close pairs are computed by blocks."""
-    if components:
-        monkeypatch.setattr(distances, "FULL_FRACTION", 1.01)
-    x = pruning_set()
-    full = pairwise_tiled_l2(x, grid=4).numpy()
-    pruned = pairwise_tiled_l2(x, grid=4, upper=upper).numpy()
-    ref = reference_tiled(x, x, 4)
-    assert np.array_equal(pruned, pruned.T) and np.all(np.diag(pruned) == 0)
-    computed = np.abs(pruned - full) <= 5e-5
-    # pruned pairs: a lower bound, above upper, and so is the true distance
-    assert np.all(pruned[~computed] > upper) and np.all(ref[~computed] > upper)
-    assert np.all(pruned <= ref + 5e-5)
-    assert np.all(computed[ref <= upper + 1e-3])
-    if upper >= 0.1 and components:
-        assert (~computed).sum() > len(x) * (len(x) - 1) * 0.5  # most pairs were pruned
-    if upper >= 0.1 and not components:
-        assert np.array_equal(pruned, full)  # everything computed, as without pruning
-    # every distinct graph {d <= tau} with tau <= upper: taus midway between consecutive distances
-    levels = np.unique(np.concatenate([[0.0], ref[np.triu_indices(len(x), 1)], [upper + 1.0]]))
-    taus = [(lo + hi) / 2 for lo, hi in zip(levels[:-1], levels[1:]) if (lo + hi) / 2 <= upper and hi - lo > 2e-4]
-    taus.append(upper)
-    assert len(taus) >= (1 if upper == 0 else 5)
-    for tau in taus:
-        if np.any((np.abs(ref - tau) <= 1e-4) & (ref != tau)):  # only `upper` itself can sit near a distance
-            continue
-        want = ref <= tau
-        assert np.array_equal(full <= tau, want)
-        assert np.array_equal(pruned <= tau, want)
-
-
-def test_pruning_two_batches_and_plain_l2():
-    x = pruning_set(32)
-    a, b = x[::2], x[1::2]
-    full = pairwise_tiled_l2(a, b, grid=4).numpy()
-    pruned = pairwise_tiled_l2(a, b, grid=4, upper=0.1).numpy()
-    assert np.array_equal(full <= 0.1, pruned <= 0.1)
-    assert np.all(pruned <= full + 5e-5)
-    assert np.array_equal(pairwise_l2(a, b).numpy() <= 0.08, pairwise_l2(a, b, upper=0.08).numpy() <= 0.08)
-    assert torch.equal(pairwise_tiled_l2(a, b, grid=4, upper=float("inf")), pairwise_tiled_l2(a, b, grid=4))
 
 
 # ---------------------------------------------------------------------------- errors
@@ -435,10 +363,6 @@ def test_mismatched_batches_raise():
         paired_l2(a, np.zeros((2, 8, 8, 1), np.float32))
     with pytest.raises(InputError, match="a holds 2 images but b holds 3"):
         paired_tiled_l2(a, np.zeros((3, 8, 8, 3), np.float32), 2)
-    with pytest.raises(InputError, match="upper must be a distance >= 0"):
-        pairwise_tiled_l2(a, grid=2, upper=-0.1)
-    with pytest.raises(InputError, match="pool factor 3"):
-        average_pool(a, 3)
 
 
 def test_relative_and_cosine_errors():

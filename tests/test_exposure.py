@@ -11,6 +11,7 @@ import inspect
 import re
 import socket
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -18,10 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import views
-from core.errors import MemauditError, WorkspaceError
+from core import images, launch, views
+from core.errors import InputError, MemauditError, WorkspaceError
 from core.store import Workspace
-from dashboard import launch
 from reliability import ENV, ROOT, small_audited_workspace
 from servers import free_port, running_dashboard
 
@@ -149,7 +149,7 @@ def test_reports_backups_and_verify_never_read_a_tampered_path(private, tmp_path
     from core.report import build_report
 
     ws, secret = private
-    secret_pixels = base64.b64encode(views.png_bytes(np.asarray(Image.open(secret)))).decode()[:200]
+    secret_pixels = base64.b64encode(images.png_bytes(np.asarray(Image.open(secret)))).decode()[:200]
     for rel in tampered_paths(secret):
         tamper(ws, rel)
         try:
@@ -310,3 +310,65 @@ def test_sign_in_gate_stops_every_page_until_sign_in(tmp_path):
         at.run()
         assert not at.exception and [b.label for b in at.button] == ["Sign in"]
         assert not at.text_input and not at.dataframe
+
+
+
+BROKEN_SECRETS = {"not-toml": b'[auth]\nredirect_uri = "http://127.0.0.1:8501/oauth2callback"\ncookie_secret = "unterminated\n',
+                  "not-utf8": b'[auth]\nclient_secret = "caf\xe9"\n'}
+
+
+def _site_with_secrets(tmp_path: Path, content: bytes) -> tuple[Path, Path, dict[str, str]]:
+    """(folder to start in, its .streamlit/secrets.toml, environment with a HOME of no secrets)."""
+    site = tmp_path / "site"
+    (site / ".streamlit").mkdir(parents=True)
+    secrets = site / ".streamlit" / "secrets.toml"
+    secrets.write_bytes(content)
+    home = tmp_path / "home"  # no ~/.streamlit/secrets.toml of the machine's user
+    home.mkdir()
+    return site, secrets, dict(ENV, HOME=str(home), PYTHONPATH=str(ROOT))
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_SECRETS))
+def test_memaudit_dashboard_refuses_to_start_beside_a_secrets_file_that_cannot_be_read(tmp_path, kind, monkeypatch):
+    ws = Workspace.init(tmp_path / "ws")
+    site, secrets, env = _site_with_secrets(tmp_path, BROKEN_SECRETS[kind])
+    out = subprocess.run([sys.executable, "-m", "core.cli", "dashboard", str(ws.root), "--port", str(free_port())],
+                         cwd=site, env=env, capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert f"{secrets}: the secrets file cannot be read (" in lines[0] and "Traceback" not in out.stderr
+    monkeypatch.chdir(site)
+    monkeypatch.setenv("HOME", env["HOME"])
+    with pytest.raises(InputError, match="the secrets file cannot be read"):
+        launch.check_secrets()
+    secrets.write_bytes(b"")  # an empty secrets file is a valid one (no [auth]: no sign-in)
+    launch.check_secrets()
+
+
+@pytest.mark.browser
+def test_a_secrets_file_that_cannot_be_read_stops_every_page_instead_of_dropping_sign_in(tmp_path):
+    """`streamlit run` beside a .streamlit/secrets.toml that is not TOML (the launcher's own command
+    line, without its check): every page shows one message naming the file, in a real browser, and
+    nothing of the workspace; it does not fall back to serving without sign-in."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    ws = Workspace.init(tmp_path / "ws")
+    site, secrets, env = _site_with_secrets(tmp_path, BROKEN_SECRETS["not-toml"])
+    with running_dashboard(ws.root, free_port(), tmp_path / "server.log", cwd=site, env=env) as base, \
+            sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            for path in ("", "/review"):
+                page = browser.new_page()
+                page.goto(base + path)
+                alert = page.get_by_text("cannot be read, so whether this dashboard needs sign-in is unknown")
+                alert.wait_for(timeout=60_000)
+                assert str(secrets) in alert.inner_text()
+                assert page.get_by_role("heading", name="Overview").count() == 0 and page.get_by_text("Sign in").count() == 0
+                if not path:
+                    page.screenshot(path=str(tmp_path / "broken-secrets.png"))
+                page.close()
+        finally:
+            browser.close()

@@ -6,8 +6,6 @@ import errno
 import hashlib
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +36,11 @@ def ws(tmp_path: Path) -> Workspace:
 
 
 # ------------------------------------------------------------------------------ generation
-def test_text2image_rows_have_one_seed_each_and_full_provenance(ws, tiny_text2image):
+def test_text2image_rows_have_one_seed_each_and_full_provenance(ws, tiny_text2image, monkeypatch):
+    from core.images import png_bytes
+
+    encoded = []
+    monkeypatch.setattr(gen, "png_bytes", lambda pixels: encoded.append(1) or png_bytes(pixels))
     report = gen.generate(ws, str(tiny_text2image), ["a red cube", "a blue ball"], 3, batch_size=4, seed=10, **FAST)
     assert (report.planned, report.skipped_existing, report.generated, report.stopped) == (6, 0, 6, False)
     got = rows(ws)
@@ -60,8 +62,8 @@ def test_text2image_rows_have_one_seed_each_and_full_provenance(ws, tiny_text2im
         assert p["scheduler_config"]["beta_schedule"] == "scaled_linear"
         assert (p["steps"], p["guidance"], p["dtype"], p["device"], p["generator_device"]) == (2, 7.5, "float32", "cpu", "cpu")
         assert p["diffusers_version"] and p["torch_version"] and p["created_at"]
-    # every seed gives its own image
-    assert len({r["sha256"] for r in got}) == 6
+    # every seed gives its own image, encoded once: the bytes hashed are the bytes stored
+    assert len({r["sha256"] for r in got}) == 6 and len(encoded) == 6
 
 
 def test_safety_checker_is_removed(tiny_text2image):
@@ -258,7 +260,7 @@ def test_folders_that_are_not_diffusers_models_are_refused(tmp_path, tiny_uncond
 
 
 def test_own_pipelines_load_through_their_class(tmp_path, monkeypatch, tiny_unconditional):
-    """A model_index.json naming a class of core.pipelines (unknown to diffusers) loads through that class."""
+    """A model_index.json naming a class of core.demo.model (unknown to diffusers) loads through that class."""
     import torch
     from diffusers import DDIMPipeline, ImagePipelineOutput
 
@@ -275,10 +277,10 @@ def test_own_pipelines_load_through_their_class(tmp_path, monkeypatch, tiny_unco
             shade = torch.tensor([len(p) % 2 for p in prompt], dtype=torch.float32).numpy()[:, None, None, None]
             return ImagePipelineOutput(images=out.images * 0.5 + shade * 0.5)
 
-    module = types.ModuleType("core.pipelines")
-    module.PromptedTestPipeline = PromptedTestPipeline
-    PromptedTestPipeline.__module__ = "core.pipelines"
-    monkeypatch.setitem(sys.modules, "core.pipelines", module)
+    from core.demo import model as own_pipelines
+
+    PromptedTestPipeline.__module__ = own_pipelines.__name__
+    monkeypatch.setattr(own_pipelines, "PromptedTestPipeline", PromptedTestPipeline, raising=False)
     base = gen.load_pipeline(str(tiny_unconditional), "cpu").pipeline
     folder = tmp_path / "own"
     PromptedTestPipeline(unet=base.unet, scheduler=base.scheduler).save_pretrained(folder)

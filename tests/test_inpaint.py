@@ -169,7 +169,7 @@ def test_a_tiny_trained_model_completes_its_members_far_better_than_held_out_ima
     """8 real images at 16 x 16 (the fast memorisation recipe, about 40 s): their masked left halves are
     reconstructed much closer than those of 8 other real images the model never saw."""
     from core.images import load_working, save_png_atomic
-    from core.train import train
+    from core.demo.trainer import train
     from test_train import distinct_demo_images
 
     pool = distinct_demo_images(16)
@@ -297,7 +297,7 @@ def test_core_raises_user_errors_not_bugs(tmp_path, tiny_unconditional, tiny_cla
 
 # ---------------------------------------------------------------------------- the demo step
 def test_the_demo_step_samples_members_and_non_members_and_skips_without_the_digits(tmp_path, tiny_unconditional):
-    from core.demo import demo_inpainting
+    from core.demo.runner import demo_inpainting
 
     ws = Workspace.init(tmp_path / "ws")
     notes: list[str] = []

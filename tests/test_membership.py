@@ -170,8 +170,8 @@ def test_roc_metrics_against_hand_counts():
 @pytest.fixture(scope="module")
 def overfit(tmp_path_factory):
     """A tiny unconditional model trained here on 8 digits; 8 other digits held out."""
-    from core.demo_digits import digit_pixels
-    from core.train import train
+    from core.demo.digits import digit_pixels
+    from core.demo.trainer import train
 
     root = tmp_path_factory.mktemp("overfit")
     pixels, _ = digit_pixels()

@@ -153,3 +153,40 @@ def test_audit_extracts_every_templated_copy_and_stores_certification(templated)
     rc = rethreshold.RunCache(ws, run_id)
     r = rc.recount(0.1, 10, 0.15)
     assert (r.flagged, r.extracted, r.uncertain, r.clique_bounds) == (12, 12, 0, 0)
+
+
+def _detailed(rng: np.random.Generator, n: int, size: int = 32) -> np.ndarray:
+    """Images that differ mostly in detail pooling averages away: a smooth 5 x 5 layout upsampled,
+    plus noise that sums to zero over every 2 x 2 block."""
+    coarse = rng.random((n, 5, 5, 3))
+    idx = np.minimum((np.arange(size) * 5) // size, 4)
+    layout = 0.3 + 0.4 * coarse[:, idx][:, :, idx]
+    noise = rng.normal(0, 0.15, (n, size // 2, 2, size // 2, 2, 3))
+    detail = (noise - noise.mean(axis=(2, 4), keepdims=True)).reshape(n, size, size, 3)
+    return np.clip(layout + detail, 0, 1).astype(np.float32)
+
+
+def test_the_dense_level_certifies_what_the_pooled_bounds_cannot(monkeypatch):
+    """Generations that copy nothing: pooled bounds cannot separate their 5 nearest from the rest
+    within a budget; the dense level certifies them with a few exact distances, equal to brute force."""
+    import core.nearest as nearest
+
+    rng = np.random.default_rng(0)
+    train = _detailed(rng, 3000)
+    queries = _detailed(rng, 24)
+    queries[:4] = np.clip(train[:4] + rng.normal(0, 0.01, train[:4].shape), 0, 1)  # and a few copies
+    d = np.sqrt(((queries[:, None].reshape(24, 1, -1) - train.reshape(1, 3000, -1)) ** 2).mean(axis=2))
+    truth = np.sort(d, axis=1)[:, :5]
+    pyramid = TrainingPyramid.from_loader(32, np.arange(3000), lambda ids: train[np.asarray(ids)])
+
+    monkeypatch.setattr(nearest, "DENSE_BYTES", 0)
+    pooled_only = certified_nearest(queries, pyramid, 5, show=5, budget=400)
+    assert not pooled_only.certified[4:].any()  # out of budget: not certified
+    monkeypatch.undo()
+
+    pyramid = TrainingPyramid.from_loader(32, np.arange(3000), lambda ids: train[np.asarray(ids)])
+    near = certified_nearest(queries, pyramid, 5, show=5, budget=400)
+    assert near.certified.all()
+    np.testing.assert_allclose(near.l2, truth, atol=1e-5)
+    assert (near.ids[:4, 0] == np.arange(4)).all()
+    assert near.exact_count.max() < 100  # about the 5 nearest, a few more within the bound's rounding margin

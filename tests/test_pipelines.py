@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from core.demo_data import DEMO_DATA_DIR, DEMO_MODEL_DIR
+from core.demo.data import DEMO_DATA_DIR, DEMO_MODEL_DIR
 from core.errors import InputError
 from core.images import load_working
-from core.pipelines import CaptionConditionedPipeline, build_vocabulary, make_scheduler
-from core.train import TrainConfig, build_unet
+from core.demo.model import CaptionConditionedPipeline, build_vocabulary, make_scheduler
+from core.demo.trainer import TrainConfig, build_unet
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -151,3 +151,18 @@ def test_default_steps_follow_the_trained_grid():
     a = pipe("a cat", generator=gens(2), output_type="np").images
     b = pipe("a cat", num_inference_steps=4, generator=gens(2), output_type="np").images
     np.testing.assert_array_equal(a, b)
+
+
+def test_saved_folders_name_the_class_only_and_load_through_core_generate(tmp_path):
+    """model_index.json names the pipeline's class, never its module: the shipped folders, saved
+    when the pipeline lived in another module, load through core.generate as the class of core.demo.model."""
+    from core.demo import model
+    from core.generate import load_pipeline
+
+    pipe = tiny_pipeline(["a caption"])
+    pipe.save_pretrained(tmp_path / "fresh")
+    for folder in (DEMO_MODEL_DIR, tmp_path / "fresh"):
+        text = (folder / "model_index.json").read_text()
+        assert "core." not in text and json.loads(text)["_class_name"] == "CaptionConditionedPipeline"
+        loaded = load_pipeline(str(folder), "cpu")
+        assert type(loaded.pipeline) is model.CaptionConditionedPipeline and loaded.kind == "text2image"

@@ -1,4 +1,4 @@
-"""core.train: the training loop, its resume guarantee, and that it really memorises real images."""
+"""core.demo.trainer: the training loop, its resume guarantee, and that it really memorises real images."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.demo_data import DEMO_DATA_DIR
+from core.demo.data import DEMO_DATA_DIR
 from core.errors import InputError
-from core.pipelines import CaptionConditionedPipeline
-from core.train import STATE_FILE, main, measure_copies, read_training_set, train
+from core.demo.model import CaptionConditionedPipeline
+from core.demo.trainer import STATE_FILE, main, measure_copies, read_training_set, train
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -82,8 +82,8 @@ def test_scores_equal_a_hand_computation_on_a_tiny_stable_diffusion_pipeline(tmp
 
 def test_pixel_pipeline_score_equals_a_hand_computation(tmp_path):
     """memaudit's own x0-predicting pipeline: eps = (x - sqrt(a) x0) / sqrt(1 - a) at t = 999 (cosine schedule)."""
-    from core.pipelines import CaptionConditionedPipeline, make_scheduler
-    from core.train import TrainConfig, build_unet
+    from core.demo.model import CaptionConditionedPipeline, make_scheduler
+    from core.demo.trainer import TrainConfig, build_unet
 
     torch.manual_seed(0)
     unet = build_unet(TrainConfig(steps=1, size=8, channels=(8, 16)), classes=3)
@@ -247,8 +247,8 @@ def test_models_without_an_unconditional_branch_are_refused_in_one_line(tmp_path
     with pytest.raises(ModelError, match="has no text encoder"):
         triage.scorer_for(loaded)
 
-    from core.pipelines import CaptionConditionedPipeline, make_scheduler
-    from core.train import TrainConfig, build_unet
+    from core.demo.model import CaptionConditionedPipeline, make_scheduler
+    from core.demo.trainer import TrainConfig, build_unet
 
     torch.manual_seed(0)
     no_dropout = tmp_path / "no-dropout"
@@ -300,7 +300,7 @@ def test_empty_prompts_file_nan_prediction_and_long_prompt(tmp_path, capsys, tin
 def _training_set(folder: Path) -> tuple[Path, list[str], list[str]]:
     """4 real images with a caption each, 8 copies apiece (memorised), and 2 captions each shared by
     4 different images, once each (the model cannot tell which image such a caption means)."""
-    from core.demo_data import DEMO_DATA_DIR
+    from core.demo.data import DEMO_DATA_DIR
 
     import hashlib
 
@@ -332,7 +332,7 @@ def _training_set(folder: Path) -> tuple[Path, list[str], list[str]]:
 def test_triage_ranks_the_captions_a_tiny_model_memorised_first(tmp_path):
     """The one end-to-end proof: a model trained here (the 16 x 16 recipe, about 40 s on a quiet core)
     copies the duplicated images' captions and not the shared ones; triage ranks the copied ones first."""
-    from core.train import measure_copies, train
+    from core.demo.trainer import measure_copies, train
 
     data, memorised, shared = _training_set(tmp_path / "data")
     train(data, tmp_path / "m", steps=600, seed=0, size=16, channels=(16, 32), batch_size=32, grid_steps=10, threads=1)

@@ -19,9 +19,12 @@ OTHERS = 40
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
+    return mixed_workspace(tmp_path_factory.mktemp("uncond"))
+
+
+def mixed_workspace(root):
     """The planted training set; 49 unconditional generations (9 noisy copies of training images, 40
     images of noise) beside the planted text prompts."""
-    root = tmp_path_factory.mktemp("uncond")
     files = planted_files(root / "data")
     ws = Workspace.init(root / "ws")
     add_training(ws, files["train"], captions=files["captions"])
@@ -44,12 +47,12 @@ def mixed(tmp_path_factory):
     return ws
 
 
-def _cache(ws, run_id):
+def cache_arrays(ws, run_id):
     d = runs.cache_dir(ws, run_id)
-    return {p.name: np.load(p) for p in sorted(d.glob("*.npy"))}
+    return {p.name: np.load(p) for p in sorted(d.rglob("*.npy"))}  # prompts' matrices in p<id // 1000>/
 
 
-def _stored(ws, run_id):
+def stored(ws, run_id):
     return [(c.prompt, c.medoid_generation_id, c.nearest_training_id, c.l2, c.tiled_l2, c.relative_l2, c.extracted,
              c.nearest_certified, c.nearest_lower, c.members) for c in results.candidates(ws, run_id, with_members=True)]
 
@@ -75,11 +78,11 @@ def test_chunked_audit_equals_the_audit_of_one_chunk_and_decodes_at_most_a_chunk
     text_sizes = sorted(p.count for p in plan if not p.unconditional)
     assert sorted(decoded) == sorted(text_sizes + [7] * 7)
 
-    a, b = _cache(ws, whole), _cache(ws, chunked)
+    a, b = cache_arrays(ws, whole), cache_arrays(ws, chunked)
     assert a.keys() == b.keys() and "nn_rel.npy" in a
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    assert _stored(ws, whole) == _stored(ws, chunked)
+    assert stored(ws, whole) == stored(ws, chunked)
     assert results.count_summary(ws, whole) | {"run_id": 0} == results.count_summary(ws, chunked) | {"run_id": 0}
     copies = [c for c in results.candidates(ws, chunked) if c.prompt is None and c.extracted]
     assert len(copies) == COPIES

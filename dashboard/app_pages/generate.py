@@ -11,6 +11,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core import config, results, triage
+from core.errors import MemauditError
 from core.store import Workspace
 from dashboard import ui
 
@@ -61,10 +62,14 @@ def fill_triage(n: int) -> None:
 
 
 def fill_upload() -> None:
+    from core.generate import parse_prompts
+
     f = st.session_state.get("generate_upload")
     if f is not None:
-        text = f.getvalue().decode("utf-8", errors="replace")
-        st.session_state[PROMPTS_TEXT] = "\n".join(line.strip() for line in text.splitlines() if line.strip())
+        try:  # the same prompts, and the same one-line refusal of a file that is not UTF-8, as the CLI's
+            st.session_state[PROMPTS_TEXT] = "\n".join(parse_prompts(f.getvalue(), f.name))
+        except MemauditError as e:
+            st.session_state["generate_error"] = str(e)
 
 
 left, right = st.columns([3, 2], gap="large")
@@ -95,15 +100,12 @@ with left:
                   disabled=not triage_runs,
                   help="The highest-scoring prompts of the latest triage run (`memaudit triage`): likely memorised first.")
 with right:
-    d = config.SETTINGS
-    per_prompt = st.number_input("Images per prompt", 1, 100_000, int(settings["per_prompt"]), key="generate_per_prompt",
-                                 help=d["per_prompt"].help)
-    steps = st.number_input("Steps", 1, 1000, int(settings["steps"]), key="generate_steps", help=d["steps"].help)
-    guidance = st.number_input("Guidance", 0.0, 100.0, float(settings["guidance"]), step=0.5, key="generate_guidance",
-                               help=d["guidance"].help)
-    batch = st.number_input("Batch size", 1, 4096, int(settings["batch_size"]), key="generate_batch", help=d["batch_size"].help)
-    seed = st.number_input("First seed", 0, 2**53 - 1, int(settings["seed"]), key="generate_seed", help=d["seed"].help)
-    devices = list(d["device"].choices or ("auto",))
+    per_prompt = ui.number_setting(st, "Images per prompt", "per_prompt", settings["per_prompt"], key="generate_per_prompt")
+    steps = ui.number_setting(st, "Steps", "steps", settings["steps"], key="generate_steps")
+    guidance = ui.number_setting(st, "Guidance", "guidance", settings["guidance"], key="generate_guidance", step=0.5)
+    batch = ui.number_setting(st, "Batch size", "batch_size", settings["batch_size"], key="generate_batch")
+    seed = ui.number_setting(st, "First seed", "seed", settings["seed"], key="generate_seed")
+    devices = list(config.SETTINGS["device"].choices or ("auto",))
     device = st.selectbox("Device", devices, index=devices.index(settings["device"]), key="generate_device")
 
 prompts = [line.strip() for line in (st.session_state.get(PROMPTS_TEXT) or "").splitlines() if line.strip()]
@@ -126,7 +128,7 @@ def start() -> None:
 
     try:
         registry.start(JOB, "generate", work)
-    except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
+    except MemauditError as e:  # a job already running: one sentence
         st.session_state["generate_error"] = str(e)
 
 

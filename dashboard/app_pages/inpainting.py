@@ -7,6 +7,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core import config, figures, inpaint
+from core.errors import MemauditError
 from core.store import Workspace
 from dashboard import ui
 
@@ -54,7 +55,7 @@ with st.expander("New inpainting run", expanded=not inpaint.list_runs(ws)):
 
         try:
             registry.start(JOB, JOB_NAME, work)
-        except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
+        except MemauditError as e:  # a job already running: one sentence
             st.session_state["inpaint_error"] = str(e)
 
     st.button("Start inpainting", type="primary", on_click=start, key="inpaint_start",

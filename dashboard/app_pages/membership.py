@@ -6,6 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core import config, membership_figures, membership_runs
+from core.errors import MemauditError
 from core.store import Workspace
 from dashboard import ui
 
@@ -52,7 +53,7 @@ with st.expander("New membership run", expanded=not membership_runs.list_runs(ws
 
         try:
             registry.start(JOB, "membership", work)
-        except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
+        except MemauditError as e:  # a job already running: one sentence
             st.session_state["membership_error"] = str(e)
 
     running = (job := registry.get(JOB)) is not None and job.status().running

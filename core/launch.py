@@ -1,4 +1,7 @@
-"""Start the dashboard: ``streamlit run <installed app.py> -- WS`` with memaudit's server settings.
+"""Start the dashboard: ``streamlit run <installed dashboard/app.py> -- WS`` with memaudit's server settings.
+
+The app is started by its file path in a new process, so the engine never imports the front end
+(``dashboard`` imports ``core``, never the other way).
 
 The same settings live in ``.streamlit/config.toml`` for ``streamlit run dashboard/app.py -- WS``
 from a checkout; here they are passed as flags so that the dashboard behaves the same when it
@@ -25,15 +28,16 @@ import webbrowser
 from pathlib import Path
 from typing import Callable, Sequence
 
-from core.errors import InputError
-from core.store import Workspace
+from .config import DASHBOARD_PORT
+from .errors import InputError
+from .store import Workspace
 
-APP = Path(__file__).resolve().with_name("app.py")
+APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"  # installed beside core (pyproject: packages)
 
 # Flattened ``section.option`` -> value; equal to .streamlit/config.toml (a test checks it).
 CONFIG: dict[str, str | int | bool | list[str]] = {
     "server.address": "127.0.0.1",
-    "server.port": 8501,
+    "server.port": DASHBOARD_PORT,
     "server.headless": True,
     "server.enableXsrfProtection": True,
     "server.runOnSave": False,
@@ -63,7 +67,7 @@ def _flag_value(value: str | int | bool | list[str]) -> str:
     return str(value)
 
 
-def command(ws: str | Path, port: int = 8501, host: str = "127.0.0.1", extra_args: Sequence[str] = ()) -> list[str]:
+def command(ws: str | Path, port: int = DASHBOARD_PORT, host: str = "127.0.0.1", extra_args: Sequence[str] = ()) -> list[str]:
     """The ``streamlit run`` command line for workspace ``ws`` (an absolute path is passed on); always headless."""
     options = dict(CONFIG, **{"server.port": int(port), "server.address": host})
     flags = [f"--{name}={_flag_value(value)}" for name, value in options.items()]
@@ -115,16 +119,41 @@ def open_in_browser(url: str) -> bool:
         return False
 
 
-def launch(ws: str | Path, port: int = 8501, host: str = "127.0.0.1", extra_args: Sequence[str] = (),
+def secrets_files() -> list[Path]:
+    """The secrets files Streamlit reads by default: the user's, then the current folder's."""
+    return [Path.home() / ".streamlit" / "secrets.toml", Path.cwd() / ".streamlit" / "secrets.toml"]
+
+
+def check_secrets() -> None:
+    """InputError when a secrets file exists but cannot be read as TOML.
+
+    Its [auth] section decides whether the dashboard asks for sign-in; a file Streamlit cannot read
+    must stop the start, never serve a shared dashboard without sign-in (the pages stop too).
+    """
+    import tomllib
+
+    for path in secrets_files():
+        if not path.exists():
+            continue
+        try:
+            tomllib.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InputError(f"{path}: the secrets file cannot be read ({reason}); fix or remove it: it says whether "
+                             "the dashboard asks for sign-in") from None
+
+
+def launch(ws: str | Path, port: int = DASHBOARD_PORT, host: str = "127.0.0.1", extra_args: Sequence[str] = (),
            *, open_browser: bool = False, opener: Callable[[str], bool] = open_in_browser) -> int:
     """Serve the dashboard for ``ws`` until interrupted; returns Streamlit's exit status.
 
     With ``open_browser``, ``opener(url)`` is called once the server answers its health check
     (a server that never answers is left running, and its URL printed, without opening anything).
-    Raises WorkspaceError when ``ws`` is not a workspace and InputError when the port is taken,
-    before anything is started.
+    Raises WorkspaceError when ``ws`` is not a workspace and InputError when the port is taken or a
+    secrets file cannot be read, before anything is started.
     """
     Workspace.open(ws)
+    check_secrets()
     if not 0 < int(port) < 65536:
         raise InputError(f"port {port} is not a TCP port; pass --port between 1 and 65535")
     if not port_free(host, int(port)):

@@ -1,5 +1,8 @@
 """Train a small caption-conditioned diffusion model (``CaptionConditionedPipeline``) on a folder.
 
+This is the demo's toy-model trainer; adding a training set to a workspace (ingestion) is
+``core.training``.
+
 The folder holds images and ``captions.csv`` (columns ``file,caption``; ``file`` relative to
 the folder). Every listed file is one training example, so an image stored as 100 separate
 files is seen 100 times as often as a single one, as duplicates are in scraped data.
@@ -19,7 +22,7 @@ Recipe (chosen because it memorises quickly on a CPU):
 - x0 prediction: with alpha-bar ``a_t`` of the cosine schedule, ``x_t = sqrt(a_t) x0 +
   sqrt(1 - a_t) eps`` and the loss is ``mean((unet(x_t, t, c) - x0)^2)``;
 - ``t`` drawn uniformly from the ``grid_steps``-step DDIM grid used for sampling
-  (``core.pipelines.make_scheduler``), not from all 1000 training timesteps;
+  (``core.demo.model.make_scheduler``), not from all 1000 training timesteps;
 - AdamW at a constant learning rate; examples visited in a fresh random order each epoch.
 
 Runs are deterministic for a given data folder, settings, seed and thread count, and
@@ -31,7 +34,7 @@ data fingerprint, the seconds spent and the loss curve. ``snapshot_steps`` also 
 pipeline as it was after those steps to ``snapshot_dir/step-<N>`` (checkpoints along training,
 for the membership-against-quality trend of Figure 11).
 
-Run as ``python -m core.train --data DIR --out DIR --steps N --seed S``.
+Run as ``python -m core.demo.trainer --data DIR --out DIR --steps N --seed S``.
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .errors import InputError
-from .images import load_image, to_working
+from ..errors import InputError
+from ..images import load_image, to_working
 
 if TYPE_CHECKING:
     import torch
@@ -116,7 +119,7 @@ def read_training_set(data_dir: str | Path, manifest: str | Path | None = None, 
     With ``unconditional`` captions are not needed (every caption is ``""``), and a folder with
     neither manifest nor ``captions.csv`` lists every image under it, sorted by relative path.
     """
-    from .images import is_image_name
+    from ..images import is_image_name
 
     data_dir = Path(data_dir)
     path = Path(manifest) if manifest is not None else data_dir / CAPTIONS_FILE
@@ -220,7 +223,7 @@ def _write_json(obj: object, path: Path) -> None:
 
 
 def _save_pipeline(unet, vocabulary: list[str], config: TrainConfig, out_dir: Path) -> None:
-    from .pipelines import CaptionConditionedPipeline, make_scheduler
+    from .model import CaptionConditionedPipeline, make_scheduler
 
     if config.unconditional:
         from diffusers import DDIMPipeline
@@ -264,7 +267,7 @@ def train(
     import torch
     import torch.nn.functional as F
 
-    from .pipelines import build_vocabulary, make_scheduler
+    from .model import build_vocabulary, make_scheduler
 
     config = TrainConfig(steps=int(steps), seed=int(seed), size=int(size), batch_size=int(batch_size), lr=float(lr),
                          weight_decay=float(weight_decay), channels=tuple(int(c) for c in channels),
@@ -368,7 +371,7 @@ def train(
     _save_pipeline(unet, vocabulary, config, out_dir)
     final_loss = sum(window) / len(window) if window else float("nan")
     _write_json({
-        "command": f"python -m core.train --data {Path(data_dir).as_posix()} --out {out_dir.as_posix()} "
+        "command": f"python -m core.demo.trainer --data {Path(data_dir).as_posix()} --out {out_dir.as_posix()} "
                    f"--steps {config.steps} --seed {config.seed}"
                    + (f" --manifest {Path(manifest).as_posix()}" if manifest is not None else "")
                    + (" --unconditional" if config.unconditional else ""),
@@ -430,9 +433,9 @@ def measure_copies(
     import numpy as np
     import torch
 
-    from .cliques import maximum_clique
-    from .distances import pairwise_l2, pairwise_tiled_l2
-    from .pipelines import CaptionConditionedPipeline
+    from ..cliques import maximum_clique
+    from ..distances import pairwise_l2, pairwise_tiled_l2
+    from .model import CaptionConditionedPipeline
 
     pipe = CaptionConditionedPipeline.from_pretrained(str(model_dir))
     pipe.set_progress_bar_config(disable=True)
@@ -471,7 +474,7 @@ def measure_copies(
 
 def main(argv: Sequence[str] | None = None) -> int:
     defaults = TrainConfig(steps=1)
-    p = argparse.ArgumentParser(prog="python -m core.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m core.demo.trainer", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help=f"folder with images and {CAPTIONS_FILE} (columns file,caption)")
     p.add_argument("--out", required=True, help="folder to write the diffusers pipeline to")
     p.add_argument("--steps", type=int, required=True, help="optimiser steps")
@@ -509,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if step % 100 == 0 or step == total:
             print(f"step {step}/{total} loss {loss:.5f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    from .errors import MemauditError
+    from ..errors import MemauditError
 
     try:
         report = train(a.data, a.out, steps=a.steps, seed=a.seed, size=a.size, batch_size=a.batch_size, lr=a.lr,

@@ -17,7 +17,7 @@ Layout (``assets/demo/digits``)::
     checkpoints/step-<N>/      the same run after N steps (Figure 11's trend)
     shadows/                   LiRA shadow models on random halves of all 1,797 (core.shadows)
 
-``python -m core.demo_digits data|model|shadows|all`` rebuilds them (model: about 2.5 minutes,
+``python -m core.demo.digits data|model|shadows|all`` rebuilds them (model: about 2.5 minutes,
 shadows: about 8 x 1 minute on a 2-core CPU; assets/README.md has the measured figures).
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .demo_data import DEMO_DIR
+from .data import DEMO_DIR
 
 DIGITS_DIR = DEMO_DIR / "digits"
 MEMBERS_DIR = DIGITS_DIR / "members"
@@ -99,8 +99,8 @@ def build_data(out_dir: str | Path = DIGITS_DIR) -> Path:
 
 def train_model(out_dir: str | Path = MODEL_DIR, checkpoints: str | Path = CHECKPOINTS_DIR, *, progress=None):
     """Train the demo model on members/ (and save CHECKPOINT_STEPS along the way, in float16)."""
-    from .shadows import halve_weights
-    from .train import train
+    from ..shadows import halve_weights
+    from .trainer import train
 
     report = train(MEMBERS_DIR, out_dir, **TRAIN, snapshot_steps=CHECKPOINT_STEPS, snapshot_dir=checkpoints,
                    threads=TRAIN_THREADS, checkpoint_every=500, progress=progress)
@@ -125,7 +125,7 @@ def relative_records() -> None:
 
 def train_shadow_models(out_dir: str | Path = SHADOWS_DIR, *, progress=None):
     """Train the SHADOWS shadow models on random halves of all digits (split.csv as the pool)."""
-    from .shadows import train_shadows
+    from ..shadows import train_shadows
 
     recipe = {k: v for k, v in TRAIN.items() if k != "seed"}
     result = train_shadows(SPLIT_CSV, out_dir, count=SHADOWS, seed=SHADOW_SEED, recipe=recipe, threads=TRAIN_THREADS,
@@ -137,7 +137,7 @@ def train_shadow_models(out_dir: str | Path = SHADOWS_DIR, *, progress=None):
 def run_membership_demo(ws, *, draws: int = MIA_NOISE_DRAWS) -> dict:
     """The demo's membership runs on the digits model: the loss attack, LiRA (with the shipped
     shadows) and the loss attack along the checkpoints. Reuses the runs a previous call stored."""
-    from .membership_runs import list_runs, run_checkpoints, run_membership
+    from ..membership_runs import list_runs, run_checkpoints, run_membership
 
     done = {(r.attack, r.series is not None): r for r in list_runs(ws) if r.model_ref.startswith(str(DIGITS_DIR))}
     common = {"timestep": MIA_TIMESTEP, "noise_draws": draws, "seed": MIA_SEED}
@@ -176,7 +176,7 @@ def membership_summary(result: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m core.demo_digits", description="Rebuild the membership demo's digits.")
+    p = argparse.ArgumentParser(prog="python -m core.demo.digits", description="Rebuild the membership demo's digits.")
     p.add_argument("what", choices=("data", "model", "shadows", "all"))
     a = p.parse_args(argv)
     started = time.perf_counter()

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .store import Workspace
-
-from .demo_data import DEMO_GUIDANCE, DEMO_PER_PROMPT, DEMO_STEPS
+from ..store import Workspace
+from .data import DEMO_GUIDANCE, DEMO_PER_PROMPT, DEMO_STEPS
 
 DEMO_BATCH = 64
 DEMO_SEED = 0
@@ -38,7 +37,7 @@ class DemoResult:
     triage: dict[str, Any] = field(default_factory=dict)
     inpainting: dict[str, Any] | None = None  # the digits inpainting run's summary (None: skipped)
     notes: list[str] = field(default_factory=list)
-    membership: dict[str, Any] = field(default_factory=dict)  # core.demo_digits.run_membership_demo
+    membership: dict[str, Any] = field(default_factory=dict)  # core.demo.digits.run_membership_demo
 
     @property
     def summary(self) -> str:
@@ -59,7 +58,7 @@ class DemoResult:
                       f"(AUC {ip['chosen']['auc']:.2f})",
                       f"  best of N (oracle bound): members {med('best', 'members'):.3f}, non-members {med('best', 'nonmembers'):.3f}"]
         if self.membership:
-            from .demo_digits import membership_summary
+            from .digits import membership_summary
 
             lines += [""] + membership_summary(self.membership)
         lines += [f"note: {n}" for n in self.notes]
@@ -75,10 +74,10 @@ class DemoResult:
 
 def build_demo(root: str | Path, *, progress: bool = True, per_prompt: int = DEMO_PER_PROMPT, steps: int = DEMO_STEPS,
                device: str = "cpu", membership: bool = True) -> DemoResult:
-    from . import audit, results, runs, triage
-    from .demo_data import DEMO_DATA_DIR, DEMO_MODEL_DIR, DEMO_PROMPTS
-    from .generate import generate, read_prompts
-    from .training import add_training
+    from .. import audit, results, runs, triage
+    from ..generate import generate, read_prompts
+    from ..training import add_training
+    from .data import DEMO_DATA_DIR, DEMO_MODEL_DIR, DEMO_PROMPTS
 
     ws = Workspace.init(root)
     seconds: dict[str, float] = {}
@@ -112,8 +111,8 @@ def build_demo(root: str | Path, *, progress: bool = True, per_prompt: int = DEM
     result = DemoResult(ws.root, run_id, seconds, results.count_summary(ws, run_id), results.caption_duplicate_table(ws, run_id),
                         triage_result)
 
-    if membership:  # the digits model: loss attack, LiRA, the trend along training (core.demo_digits)
-        from .demo_digits import run_membership_demo
+    if membership:  # the digits model: loss attack, LiRA, the trend along training (core.demo.digits)
+        from .digits import run_membership_demo
 
         t = time.perf_counter()
         result.membership = run_membership_demo(ws)
@@ -135,8 +134,8 @@ def demo_inpainting(ws: Workspace, digits: Path | None = None, *, per_group: int
     import random
     import tempfile
 
-    from . import inpaint
-    from .demo_data import DEMO_DIR
+    from .. import inpaint
+    from .data import DEMO_DIR
 
     digits = Path(digits) if digits is not None else DEMO_DIR / "digits"
     split, model = digits / "split.csv", digits / "model"
@@ -151,7 +150,7 @@ def demo_inpainting(ws: Workspace, digits: Path | None = None, *, per_group: int
               for row in rng.sample([r for r in rows if r[1] == flag], min(per_group, sum(r[1] == flag for r in rows)))]
     wanted = {"mask": DEMO_INPAINT["mask"], "samples": DEMO_INPAINT["samples"], "steps": steps, "seed": DEMO_INPAINT["seed"]}
     sources = sorted(str((digits / p).resolve()) for p, _ in picked)
-    from .generate import weights_hash
+    from ..generate import weights_hash
 
     digest = weights_hash(model)
     for run in reversed(inpaint.list_runs(ws)):
@@ -178,8 +177,8 @@ def _same_params(a, b) -> bool:
 
 def train_demo_model(steps: int | None = None, seed: int | None = None):
     """Retrain the shipped demo model with the shipped recipe (see assets/README.md)."""
-    from .demo_data import DEMO_DATA_DIR, DEMO_MODEL_DIR, DEMO_TRAIN_SEED, DEMO_TRAIN_STEPS, DEMO_TRAIN_THREADS
-    from .train import train
+    from .data import DEMO_DATA_DIR, DEMO_MODEL_DIR, DEMO_TRAIN_SEED, DEMO_TRAIN_STEPS, DEMO_TRAIN_THREADS
+    from .trainer import train
 
     # the weights depend on the thread count too: the shipped ones were trained on DEMO_TRAIN_THREADS
     return train(DEMO_DATA_DIR, DEMO_MODEL_DIR, steps=steps or DEMO_TRAIN_STEPS,

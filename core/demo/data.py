@@ -21,7 +21,7 @@ Checked when building (``check_images``), at ``SIZE`` x ``SIZE`` on [0, 1] pixel
 - separation: ``l2(x, y) = sqrt(mean((x - y)^2)) >= MIN_SEPARATION`` for every pair of
   different images, so a generation within 0.1 of one image is at least 0.1 from all others.
 
-``python -m core.demo_data`` rebuilds ``assets/demo`` (needs scikit-image, the ``data`` extra).
+``python -m core.demo.data`` rebuilds ``assets/demo`` (needs scikit-image, the ``data`` extra).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 DEMO_DIR = ASSETS_DIR / "demo"
 DEMO_DATA_DIR = DEMO_DIR / "train"  # images + captions.csv (columns file,caption)
 DEMO_MODEL_DIR = DEMO_DIR / "model"  # the trained CaptionConditionedPipeline
@@ -48,7 +48,7 @@ SIZE = 32
 MIN_CONTRAST = 0.15
 MIN_SEPARATION = 0.2
 
-# The shipped model's training run (assets/README.md): python -m core.train --data assets/demo/train
+# The shipped model's training run (assets/README.md): python -m core.demo.trainer --data assets/demo/train
 # --out assets/demo/model --steps 1000 --seed 0 (2 torch threads; weights depend on the thread count).
 DEMO_TRAIN_STEPS = 1000
 DEMO_TRAIN_SEED = 0
@@ -147,7 +147,7 @@ def render(image: DemoImage, size: int = SIZE) -> np.ndarray:
     """The image as uint8 size x size x 3: crop ``box`` of the source, then the working-resolution rule."""
     from PIL import Image
 
-    from .images import _to_rgb, to_working
+    from ..images import _to_rgb, to_working
 
     a = _source_array(image.source)
     if a.dtype == bool:
@@ -235,7 +235,7 @@ def build_dataset(out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m core.demo_data", description="Build the demo training set.")
+    p = argparse.ArgumentParser(prog="python -m core.demo.data", description="Build the demo training set.")
     p.add_argument("--out", default=str(DEMO_DIR), help="folder to write train/, prompts.txt and sources.csv to")
     a = p.parse_args(argv)
     train_dir = build_dataset(a.out)

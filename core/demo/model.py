@@ -32,7 +32,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNe
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .errors import InputError
+from ..errors import InputError
 
 UNCONDITIONAL = ""
 
