@@ -18,6 +18,11 @@ machine shared with other work, two single-thread actors compete with everything
 Ratios against local 1 thread (>= 1: faster). Ray itself starting (``ray.init``) is reported
 apart: a cluster is started once, not per command.
 
+The audit: one workspace of ``benchmarks.workspaces`` (24 prompts of 100 generations, 32 x 32;
+``--smoke``: 4 x 20) audited locally (1 thread, tau curves inline) and on Ray with 1 and 2
+workers (each actor one CPU, one thread); every run's counts must equal the local run's. Overhead
+per prompt: (Ray 1 worker - local) / prompts, actor start and the context built in it included.
+
 The same run on a multi-GPU node and on a cluster of nodes is printed as command lines
 (``MULTI_GPU``, ``MULTI_NODE``); there is no GPU and no second node here.
 
@@ -42,6 +47,7 @@ MULTI_GPU = [
     "# or a long-lived instance that several commands share",
     "ray start --head --num-gpus 8",
     "memaudit generate WS --model MODEL_DIR --prompts prompts.txt --per-prompt 500 --batch-size 64 --ray auto",
+    "memaudit audit WS --ray auto",
 ]
 MULTI_NODE = [
     "# head node (it holds the workspace's audit.db on its local disk; WS and MODEL_DIR on a shared filesystem,",
@@ -52,11 +58,54 @@ MULTI_NODE = [
     "# on the head node: the driver, the only process that writes audit.db",
     "memaudit generate /shared/WS --model /shared/MODEL_DIR --prompts prompts.txt --per-prompt 500 --batch-size 64 "
     "--ray HEAD_IP:6379",
+    "memaudit audit /shared/WS --ray HEAD_IP:6379",
 ]
 GPU_RUN = ("On a GPU cluster the same script would measure images/s with 1, 2, ... N GPU actors against one local GPU "
            "process at batch 64, 50 steps (the paper's setting; about 1.2 images/s per A100): scaling should be close "
            "to N while the driver's PNG-free work (inserting rows) stays far below one batch's sampling time, and the "
            "overhead per batch measured here is what each batch of 64 adds.")
+
+
+def audit_variants(tmp: Path, address: str, smoke: bool) -> tuple[list[dict], dict[str, float]]:
+    """The same audit (``benchmarks.workspaces``: prompts of planted copies and distinct images) locally
+    and on Ray with 1 and 2 workers; every run's counts must be the local run's."""
+    import torch
+
+    from benchmarks.workspaces import build_workspace
+    from core.audit import run_audit
+    from core.results import count_summary
+    from core.store import Workspace
+
+    prompts, per_prompt = (4, 20) if smoke else (24, 100)
+    built = build_workspace(tmp / "audit-ws", prompts, per_prompt)
+    ws = Workspace.open(built.root)
+    ws.set_setting("audit_workers", 0)  # the tau curves inline, as every Ray actor computes them
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    seconds: dict[str, float] = {}
+    summaries = {}
+    try:
+        run_audit(ws)  # warm-up: imports, the training set's pooled cache
+        variants = [("audit local, 1 thread", None)] + [(f"audit Ray, {w} worker{'s' if w > 1 else ''}", w)
+                                                         for w in ((1,) if smoke else (1, 2))]
+        for name, workers in variants:
+            t = time.perf_counter()
+            run_id = run_audit(ws, ray_address=address if workers else None, ray_workers=workers or 0)
+            seconds[name] = time.perf_counter() - t
+            summaries[name] = {k: v for k, v in count_summary(ws, run_id).items() if k != "run_id"}
+    finally:
+        torch.set_num_threads(threads)
+    first = summaries["audit local, 1 thread"]
+    assert all(s == first for s in summaries.values()), summaries
+    base = seconds["audit local, 1 thread"]
+    units = prompts
+    rows = [{"variant": name, "seconds": s, "images_per_s": prompts * per_prompt / s, "ratio_to_local_1_thread": base / s,
+             "note": f"{prompts} prompts x {per_prompt} generations, 32 x 32; counts equal to the local run's"}
+            for name, s in seconds.items()]
+    rows.append({"variant": "audit Ray overhead per prompt", "seconds": (seconds["audit Ray, 1 worker"] - base) / units,
+                 "images_per_s": "", "ratio_to_local_1_thread": "",
+                 "note": "(Ray 1 worker - local) / prompts: actor start, the context built in it, shipping each unit"})
+    return rows, seconds
 
 
 def main(smoke: bool = False) -> dict:
@@ -80,7 +129,7 @@ def main(smoke: bool = False) -> dict:
     started_here = not ray.is_initialized()
     try:
         model, model_note = demo_model_dir(tmp, STEPS)
-        from core.pipelines import CaptionConditionedPipeline
+        from core.demo.model import CaptionConditionedPipeline
 
         caption = CaptionConditionedPipeline.from_pretrained(model).captions[0]
         t0 = time.perf_counter()
@@ -139,6 +188,8 @@ def main(smoke: bool = False) -> dict:
             rows.append({"variant": "Ray scaling, 2 workers / 1", "seconds": "", "images_per_s": "",
                          "ratio_to_local_1_thread": seconds["Ray, 1 worker"] / seconds["Ray, 2 workers"],
                          "note": "speed-up of 2 actors over 1, start-up included"})
+        audit_rows, audit_seconds = audit_variants(tmp, address, smoke)
+        rows += audit_rows
         print(f"model: {model_note}; {images} images in batches of {batch}, {steps} DDIM steps, float32, CPU; "
               f"Ray {ray.__version__} started in {ray_start:.1f} s (not counted above)")
         print_table(rows, COLUMNS, title="one run each, in the order shown, in one process, after a warm-up of each side")
@@ -150,6 +201,7 @@ def main(smoke: bool = False) -> dict:
         return write_json("ray", smoke, {
             "model": model_note, "images": images, "batch_size": batch, "steps": steps, "ray": ray.__version__,
             "ray_start_s": ray_start, "seconds": seconds, "overhead_per_batch_s": overhead, "rows": rows,
+            "audit_seconds": audit_seconds,
             "multi_gpu_commands": MULTI_GPU, "multi_node_commands": MULTI_NODE, "gpu_run_not_measured": GPU_RUN})
     finally:
         torch.set_num_threads(threads)

@@ -53,7 +53,7 @@ UNCONDITIONAL_CANDIDATES = 100
 # The audit decodes one prompt's generations at once (its clique search needs all of them); the
 # generations of an unconditional model, judged one by one, are decoded and searched in chunks of
 # at most this many float32 bytes at the working size, so its memory does not grow with their number.
-AUDIT_CHUNK_BYTES = 64 << 20
+AUDIT_CHUNK_BYTES = 16 << 20
 # Candidate ranking (lower ranks first): flagged cliques by mean distance (the paper's order), below
 # RANK_FLAGGED_BELOW; the unflagged after them, larger cliques first
 # (1 + RANK_SIZE_WEIGHT / size + RANK_DISTANCE_WEIGHT * min(mean, 1)), so a lone generation never

@@ -129,6 +129,11 @@ def duration(seconds: float | None) -> str:
     return f"{seconds // 3600}h {seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m {seconds % 60:02d}s"
 
 
+def time_left(eta: float | None) -> str:
+    """'about 1m 05s left', or 'estimating the time left' before a rate is known."""
+    return "estimating the time left" if eta is None else f"about {duration(eta)} left"
+
+
 def job_panel(key: tuple[str, str], *, name: str, unit: str, cancel_help: str, stopping: str,
               done: Callable[[Any], str], cancelled: Callable[[Any], str]) -> None:
     """The panel of one background job of the registry: while it runs, progress (done of total ``unit``,
@@ -148,7 +153,7 @@ def job_panel(key: tuple[str, str], *, name: str, unit: str, cancel_help: str, s
         if s.running:
             st.session_state[flag] = True
             st.progress(s.fraction, text=f"{s.done} of {s.total or '?'} {unit} · {duration(s.elapsed)} elapsed · "
-                                         f"about {duration(s.eta)} left" + (f" · {stopping}" if s.state == "stopping" else ""))
+                                         f"{time_left(s.eta)}" + (f" · {stopping}" if s.state == "stopping" else ""))
             st.button("Cancel", on_click=job.cancel, disabled=s.state == "stopping", key=f"{name}_cancel", help=cancel_help)
             return
         if st.session_state.pop(flag, False):

@@ -36,9 +36,11 @@ def audit_panel() -> None:
     job = registry.get(AUDIT_JOB)
     s = job.status() if job is not None else None
     if s is not None and s.running:
+        if not auditing:  # started by this fragment's own button: rerun the page, so the panel refreshes every second
+            st.rerun()
         st.session_state["overview_was_auditing"] = True
         st.progress(s.fraction, text=f"auditing: {s.done} of {s.total or '?'} generations · "
-                                     f"{ui.duration(s.elapsed)} elapsed · about {ui.duration(s.eta)} left")
+                                     f"{ui.duration(s.elapsed)} elapsed · {ui.time_left(s.eta)}")
         return
     if st.session_state.pop("overview_was_auditing", False):
         st.rerun()  # show the new run everywhere
