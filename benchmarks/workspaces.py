@@ -5,7 +5,7 @@
 * the demo training set (assets/demo/train: 641 files of 56 distinct 32 x 32 images,
   duplicated 100, 10 and 1 times), ingested with ``core.training.add_training``;
 * ``prompts`` x ``per_prompt`` generations, 32 x 32 PNGs (``size``) written straight into
-  WS/generations/<prompt_id>/ and inserted as imported rows (source 'import', one
+  the prompt's folder (``core.store.generation_folder``) and inserted as imported rows (source 'import', one
   transaction per prompt), the rows ``core.importer.import_generations`` would make
   without its per-file fsync, decode check and manifest parsing.
 
@@ -129,21 +129,20 @@ def build_workspace(root: str | Path, prompts: int, per_prompt: int, *, plant_ev
 def add_generations(ws, text: str, images: np.ndarray) -> int:
     """Store ``images`` ((N, S, S, 3) floats in [0, 1]) as imported generations of prompt ``text``
     (seeds 0..N-1, one transaction); return the prompt's id."""
-    from core.store import now
+    from core.store import generation_folder, now
 
     size = images.shape[1]
     pixels = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
     with ws.transaction() as con:
         pid = ws.prompt_id(text, con)
-        folder = ws.root / "generations" / str(pid)
-        folder.mkdir(parents=True, exist_ok=True)
         rows = []
         created = now()
         with ThreadPoolExecutor(max_workers=8) as pool:  # zlib releases the GIL: large images encode in parallel
             encoded = list(pool.map(_png, pixels))
         for j, data in enumerate(encoded):
             sha = hashlib.sha256(data).hexdigest()
-            rel = f"generations/{pid}/import-{j:05d}-{sha[:12]}.png"
+            rel = f"{generation_folder(pid, 'i', j)}/import-{j:05d}-{sha[:12]}.png"
+            (ws.root / rel).parent.mkdir(parents=True, exist_ok=True)
             (ws.root / rel).write_bytes(data)
             origin = f"/synthetic/{pid}/{j}.png"
             rows.append((pid, j, rel, sha, size, size, origin, json.dumps({"origin": origin}), created))

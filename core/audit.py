@@ -344,6 +344,7 @@ class AuditContext:
         for g, d in by_grid.items():
             np.fill_diagonal(d, 0.0)
             path = cache / distance_file(prompt_id, g, p.grid)
+            path.parent.mkdir(exist_ok=True)
             np.save(path, d)
             saved[g] = (d, path)
         dist = by_grid[p.grid]

@@ -51,7 +51,7 @@ from . import config, tempfiles
 from .errors import InputError, MemauditError, ModelError, WorkspaceError
 from .images import png_bytes, save_png_atomic, to_uint8
 from .textfiles import decode_utf8, read_utf8
-from .store import Workspace, now
+from .store import Workspace, generation_folder, now, prompt_folder
 
 KINDS = ("text2image", "class", "unconditional")
 # Files whose bytes make up a model's weights (hashed into ``weights_hash``).
@@ -526,7 +526,9 @@ def plan(ws: Workspace, loaded: LoadedPipeline, conditions: Sequence[tuple[str, 
     with ws.transaction() as con:
         prompt_ids = [ws.prompt_id(text, con) for text, _ in conditions]
     for pid in prompt_ids:
-        tempfiles.remove_stale(ws.root / "generations" / str(pid))  # images a killed run left half-written
+        # images a killed run left half-written (under this layout or the earlier one)
+        tempfiles.remove_stale(ws.root / prompt_folder(pid))
+        tempfiles.remove_stale(ws.root / "generations" / str(pid))
 
     pending: list[Unit] = []
     with ws.connect() as con:
@@ -566,7 +568,7 @@ def write_images(root: Path, batch: Sequence[Unit], images: np.ndarray, *, model
         pixels = to_uint8(image)
         data = png_bytes(pixels)  # encoded once: the bytes hashed are the bytes stored
         sha = hashlib.sha256(data).hexdigest()
-        rel = path_for(f"generations/{unit.prompt_id}", f"{unit.seed}-{sha[:12]}", data)
+        rel = path_for(generation_folder(unit.prompt_id, "s", unit.seed), f"{unit.seed}-{sha[:12]}", data)
         try:
             save_png_atomic(data, root / rel)
         except OSError as e:

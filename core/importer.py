@@ -10,8 +10,8 @@ images of one prompt meet under one prompt id.
 Every image is fully decoded before it is copied, so corrupt, truncated, empty and
 non-image files are skipped and listed with the reason, never half-imported. A path
 leading outside the manifest's folder (absolute, ``..``, or through a symlink) is
-refused and listed. The copy lands in ``WS/generations/<prompt_id>/`` with
-``source='import'`` and ``origin`` = the resolved original path, so importing the same
+refused and listed. The copy lands in the prompt's folder (``core.store.generation_folder``:
+a new subfolder every thousand images imported for the prompt) with ``source='import'`` and ``origin`` = the resolved original path, so importing the same
 manifest again skips what is already there.
 """
 
@@ -29,7 +29,7 @@ from typing import Any, Callable
 from . import tempfiles
 from .errors import ImageError, InputError, WorkspaceError
 from .images import IMAGE_SUFFIXES, load_image
-from .store import Workspace, now
+from .store import Workspace, generation_folder, now, prompt_folder
 from .textfiles import read_utf8
 
 REQUIRED_COLUMNS = ("path", "prompt")
@@ -171,11 +171,10 @@ def import_generations(ws: Workspace, manifest_path: str | Path,
     manifest = Path(manifest_path)
     rows = read_manifest(manifest)
     base = manifest.resolve().parent
-    with ws.connect() as con:
-        done_before = {r[0] for r in con.execute("SELECT origin FROM generations WHERE source = 'import'")}
     skipped: list[tuple[str, str]] = []
     seen: dict[str, int] = {}
     prompt_ids: dict[str, int] = {}
+    ordinals: dict[int, int] = {}  # prompt id -> images of it imported so far (places the next one's subfolder)
     pending: list[dict[str, Any]] = []
     imported = 0
 
@@ -185,22 +184,28 @@ def import_generations(ws: Workspace, manifest_path: str | Path,
             imported += _insert(ws, pending)
             pending.clear()
 
-    try:
-        for i, row in enumerate(rows, start=1):
-            reason = _import_one(ws, row, base, manifest, done_before, seen, prompt_ids, pending)
-            if reason:
-                skipped.append((row.path, reason))
-            if len(pending) >= _INSERT_CHUNK:
-                flush()
-            if progress:
-                progress(i, len(rows))
-    finally:
-        flush()
+    # asked row by row through the import index: a workspace of millions of imports is not read into memory
+    with ws.connect() as lookup:
+        def done_before(origin: str) -> bool:
+            return lookup.execute("SELECT 1 FROM generations WHERE source = 'import' AND origin = ?", (origin,)).fetchone() is not None
+
+        try:
+            for i, row in enumerate(rows, start=1):
+                reason = _import_one(ws, row, base, manifest, done_before, seen, prompt_ids, ordinals, pending)
+                if reason:
+                    skipped.append((row.path, reason))
+                if len(pending) >= _INSERT_CHUNK:
+                    flush()
+                if progress:
+                    progress(i, len(rows))
+        finally:
+            flush()
     return ImportReport(imported=imported, skipped=skipped)
 
 
-def _import_one(ws: Workspace, row: ManifestRow, base: Path, manifest: Path, done_before: set[str],
-                seen: dict[str, int], prompt_ids: dict[str, int], pending: list[dict[str, Any]]) -> str:
+def _import_one(ws: Workspace, row: ManifestRow, base: Path, manifest: Path, done_before: Callable[[str], bool],
+                seen: dict[str, int], prompt_ids: dict[str, int], ordinals: dict[int, int],
+                pending: list[dict[str, Any]]) -> str:
     """Copy one row's image and queue its database row; return why it was skipped, or ''."""
     src, reason = _locate(base, row.path)
     if src is None:
@@ -209,7 +214,7 @@ def _import_one(ws: Workspace, row: ManifestRow, base: Path, manifest: Path, don
     if origin in seen:
         return f"line {row.line}: same file as line {seen[origin]}; imported once"
     seen[origin] = row.line
-    if origin in done_before:
+    if done_before(origin):
         return f"line {row.line}: already imported"
     try:
         img = load_image(src)
@@ -222,11 +227,16 @@ def _import_one(ws: Workspace, row: ManifestRow, base: Path, manifest: Path, don
         return f"line {row.line}: cannot read the file ({e.strerror or e})"
     sha = hashlib.sha256(data).hexdigest()
     if row.prompt not in prompt_ids:
-        prompt_ids[row.prompt] = ws.prompt_id(row.prompt)
-        tempfiles.remove_stale(ws.root / "generations" / str(prompt_ids[row.prompt]))  # left by a killed import
+        pid = prompt_ids[row.prompt] = ws.prompt_id(row.prompt)
+        with ws.connect() as con:
+            ordinals[pid] = con.execute("SELECT COUNT(*) FROM generations WHERE prompt_id = ? AND source = 'import'",
+                                        (pid,)).fetchone()[0]
+        tempfiles.remove_stale(ws.root / prompt_folder(pid))  # left by a killed import (this layout or the earlier one)
+        tempfiles.remove_stale(ws.root / "generations" / str(pid))
     pid = prompt_ids[row.prompt]
     # the origin's hash keeps two files with identical bytes (a model repeating itself) apart
-    rel = f"generations/{pid}/import-{sha[:12]}-{hashlib.sha256(origin.encode('utf-8')).hexdigest()[:8]}{_suffix(src, data)}"
+    folder = generation_folder(pid, "i", ordinals[pid])
+    rel = f"{folder}/import-{sha[:12]}-{hashlib.sha256(origin.encode('utf-8')).hexdigest()[:8]}{_suffix(src, data)}"
     try:
         tempfiles.write_bytes_atomic(ws.root / rel, data)
     except OSError as e:
@@ -239,6 +249,7 @@ def _import_one(ws: Workspace, row: ManifestRow, base: Path, manifest: Path, don
     created = now()
     params = {"manifest": str(manifest.resolve()), "line": row.line, "manifest_path": row.path,
               "origin": origin, "imported_at": created}
+    ordinals[pid] += 1
     pending.append({"prompt_id": pid, "seed": row.seed, "path": rel, "sha256": sha, "width": img.width,
                     "height": img.height, "origin": origin, "params": json.dumps(params, sort_keys=True),
                     "created_at": created})

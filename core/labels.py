@@ -102,13 +102,29 @@ def current_labels(ws: Workspace) -> dict[Pair, dict[str, str]]:
 
 def review_queue(ws: Workspace, run_id: int | None, reviewer: str, *, unlabeled_only: bool = True) -> list[Candidate]:
     """Candidates in review order (most suspicious first), without those ``reviewer`` has labelled when asked."""
+    return review_state(ws, run_id, reviewer, unlabeled_only=unlabeled_only).queue
+
+
+@dataclass(frozen=True)
+class ReviewState:
+    """What the Review page shows around one candidate, from one read of the run's candidates."""
+    queue: list[Candidate]           # in review order
+    candidates: int                  # all the run's candidates
+    labelled_by_reviewer: int        # of those, with a current label by the reviewer
+    labels: dict[Pair, dict[str, str]]  # current labels, as ``current_labels``
+
+
+def review_state(ws: Workspace, run_id: int | None, reviewer: str, *, unlabeled_only: bool = True,
+                 flagged_only: bool = False) -> ReviewState:
+    """The review queue (most suspicious first; without what ``reviewer`` has labelled when ``unlabeled_only``;
+    flagged candidates alone when ``flagged_only``) and the reviewer's progress over all the run's candidates."""
     from .results import candidates
 
     cands = candidates(ws, run_id)
-    if not unlabeled_only:
-        return cands
     labels = current_labels(ws)
-    return [c for c in cands if reviewer not in labels.get((c.medoid_generation_id, c.nearest_training_id), {})]
+    mine = [reviewer in labels.get((c.medoid_generation_id, c.nearest_training_id), {}) for c in cands]
+    queue = [c for c, done in zip(cands, mine) if not (unlabeled_only and done) and (c.flagged or not flagged_only)]
+    return ReviewState(queue, len(cands), sum(mine), labels)
 
 
 @dataclass(frozen=True)

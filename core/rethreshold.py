@@ -4,13 +4,14 @@ delta and cached tile grid without computing a distance; and one prompt's clique
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
 from .errors import InputError, MemauditError
 from .records import Generation
 from .results import NeighbourView, PromptRow, get_generations, get_training
-from .runs import distance_file, require_run, run_params, tiled_file
+from .runs import distance_file, legacy_distance_file, require_run, run_params, tiled_file
 from .store import Workspace
 
 
@@ -54,8 +55,6 @@ class RunCache:
         self.dir = d
         # per-generation arrays are memory-mapped: a run of a million generations is read, not loaded
         self.gen_ids = np.load(d / "gen_ids.npy", mmap_mode="r")
-        self._by_id = np.argsort(self.gen_ids, kind="stable")
-        self._sorted_ids = np.asarray(self.gen_ids)[self._by_id]
         self.nn_ids = np.load(d / "nn_ids.npy", mmap_mode="r")
         self.nn_l2 = np.load(d / "nn_l2.npy", mmap_mode="r")
         self.nn_sim = np.load(d / "nn_sim.npy", mmap_mode="r")
@@ -73,14 +72,11 @@ class RunCache:
         self.exact = c["exact"] if "exact" in c else np.ones(self.size.shape, bool)  # earlier runs did not record it
         self.run_tau = self.tau_index(self.params.edge_threshold)
         self.nn_tiled = {g: np.load(d / tiled_file(g, self.grid), mmap_mode="r") for g in self.grids}
-        with ws.connect() as con:
-            rows = con.execute("SELECT p.id, p.text, COUNT(g.id) AS n FROM prompts p JOIN generations g ON g.prompt_id = p.id GROUP BY p.id").fetchall()
+        with ws.connect() as con:  # the run's prompts and the generations it audited (not a pass over every generation)
+            rows = con.execute("SELECT r.prompt_id AS id, p.text, r.generations AS n FROM prompt_results r "
+                               "JOIN prompts p ON p.id = r.prompt_id WHERE r.run_id = ?", (run_id,)).fetchall()
         self.prompt_text = {r["id"]: (r["text"] or None) for r in rows}
         self.prompt_count = {r["id"]: r["n"] for r in rows}
-        self.best_l2 = np.where(self.medoid >= 0, self.nn_l2[np.maximum(self.medoid, 0), 0] if len(self.nn_l2) else np.inf, np.inf)
-        at = np.maximum(self.medoid, 0)
-        self.best_certified = (self.medoid >= 0) & (self.nn_certified[at] if n else False)
-        self.best_lower = np.where(self.medoid >= 0, self.nn_lower[at] if n else 0.0, 0.0)
         # the run's own clique groups (at its tau and grid): a recount there counts any group, as the run does
         self.run_groups: dict[int, list[tuple[int, float, bool, float]]] = {}
         with ws.connect() as con:
@@ -89,12 +85,30 @@ class RunCache:
                 self.run_groups.setdefault(r[0], []).append(
                     (r[1], r[2] if r[2] is not None else np.inf, bool(r[3]), r[4] if r[4] is not None else 0.0))
 
+    @cached_property
+    def _id_order(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows by generation id, the ids in that order): sorted once, when a row is first looked up."""
+        by_id = np.argsort(self.gen_ids, kind="stable")
+        return by_id, np.asarray(self.gen_ids)[by_id]
+
     def row_of(self, generation_id: int) -> int:
         """The row of a generation in the run's per-generation arrays."""
-        i = int(np.searchsorted(self._sorted_ids, generation_id))
-        if i >= len(self._sorted_ids) or self._sorted_ids[i] != generation_id:
+        by_id, sorted_ids = self._id_order
+        i = int(np.searchsorted(sorted_ids, generation_id))
+        if i >= len(sorted_ids) or sorted_ids[i] != generation_id:
             raise MemauditError(f"generation {generation_id} is not in audit run {self.run_id}; audit again")
-        return int(self._by_id[i])
+        return int(by_id[i])
+
+    def best(self, gi: int, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per prompt at (grid index gi, tau index t): the largest clique medoid's nearest l2 (inf without one),
+        whether that nearest is certified, and a lower bound of the true nearest distance. Read from the
+        memory-mapped arrays for this one slice, so memory does not grow with grids x taus x prompts."""
+        medoid = self.medoid[gi, :, t]
+        has, at = medoid >= 0, np.maximum(medoid, 0)
+        if not len(self.gen_ids):
+            return np.full(len(medoid), np.inf), np.zeros(len(medoid), bool), np.zeros(len(medoid), np.float32)
+        return (np.where(has, self.nn_l2[at, 0], np.inf), has & self.nn_certified[at],
+                np.where(has, self.nn_lower[at], 0.0))
 
     def tau_index(self, tau: float) -> int:
         return int(np.argmin(np.abs(self.taus - tau)))
@@ -110,6 +124,8 @@ class RunCache:
     def distances(self, prompt_id: int, grid: int | None = None) -> np.ndarray:
         grid = self.grids[self.grid_index(grid)]
         path = self.dir / distance_file(prompt_id, grid, self.grid)
+        if not path.is_file():  # a run cached before the sharded layout
+            path = self.dir / legacy_distance_file(prompt_id, grid, self.grid)
         if not path.is_file():
             raise MemauditError(f"prompt {prompt_id} has no cached distances at grid {grid} in audit run {self.run_id}")
         return np.load(path)
@@ -125,8 +141,8 @@ class RunCache:
         extracted whose nearest neighbour is not certified and could lie within delta.
         """
         t, gi = self.tau_index(tau), self.grid_index(grid)
-        size, best, mean = self.size[gi, :, t], self.best_l2[gi, :, t], self.mean[gi, :, t]
-        exact, cert, lower = self.exact[gi, :, t], self.best_certified[gi, :, t], self.best_lower[gi, :, t]
+        size, mean, exact = self.size[gi, :, t], self.mean[gi, :, t], self.exact[gi, :, t]
+        best, cert, lower = self.best(gi, t)
         flagged = size >= k
         extracted = flagged & (best <= delta)
         uncertain = flagged & ~extracted & ~cert & (lower <= delta)

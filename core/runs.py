@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .records import AuditParams
-from .store import Workspace
+from .store import FILES_PER_FOLDER, Workspace
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,16 @@ def cache_dir(ws: Workspace, run_id: int) -> Path:
 
 
 def distance_file(prompt_id: int, grid: int, run_grid: int) -> str:
-    """A prompt's cached distance matrix: prompt-<id>.npy at the run's grid, prompt-<id>-g<G>.npy at others."""
-    return f"prompt-{prompt_id}.npy" if grid == run_grid else f"prompt-{prompt_id}-g{grid}.npy"
+    """A prompt's cached distance matrix, relative to the run's folder: p<id // 1000>/prompt-<id>.npy at the
+    run's grid, p<id // 1000>/prompt-<id>-g<G>.npy at others (a folder per thousand prompts, so that
+    no folder holds more than a few thousand files however many prompts a run audits)."""
+    name = f"prompt-{prompt_id}.npy" if grid == run_grid else f"prompt-{prompt_id}-g{grid}.npy"
+    return f"p{int(prompt_id) // FILES_PER_FOLDER}/{name}"
+
+
+def legacy_distance_file(prompt_id: int, grid: int, run_grid: int) -> str:
+    """Where runs cached before the sharded layout kept the matrix: directly in the run's folder."""
+    return distance_file(prompt_id, grid, run_grid).split("/", 1)[1]
 
 
 def tiled_file(grid: int, run_grid: int) -> str:

@@ -9,10 +9,15 @@ memaudit fails with a clear message instead of guessing.
 Layout::
 
     WS/audit.db            the database
-    WS/generations/<prompt_id>/<seed>-<hash>.png
+    WS/generations/p<prompt_id // 1000>/<prompt_id>/s<seed // 1000>/<seed>-<hash>.png      generated
+    WS/generations/p<prompt_id // 1000>/<prompt_id>/i<n // 1000>/import-<hash>-<hash>.<ext>  n-th import of the prompt
     WS/training/<sha256[:2]>/<sha256>.<ext>   copies of ingested training files
     WS/index/              faiss indexes and embeddings
     WS/cache/              distance matrices (derived data; safe to delete)
+
+No folder grows past about ``FILES_PER_FOLDER`` entries however many prompts and images a
+workspace holds (``generation_folder``). Rows store paths relative to WS, so files written
+under an earlier layout (``generations/<prompt_id>/...``) stay readable where they are.
 """
 
 from __future__ import annotations
@@ -211,9 +216,36 @@ CREATE TABLE membership_scores(
   duplicates INTEGER NOT NULL,      -- members within duplicate_threshold of this image, itself included
   PRIMARY KEY (run_id, idx));
 """),
+    # a workspace of millions of generations: the per-prompt candidate look-ups of the prompt table and
+    # Figure 5 (one index probe per prompt instead of a scan of the run's candidates), the caption join
+    # of Figure 5 (a probe per prompt instead of a scan of the training set), and the duplicate counts'
+    # "is every image checked?" (empty once all are)
+    ("indexes for large workspaces", """
+CREATE INDEX candidates_prompt ON candidates(run_id, prompt_id, group_rank);
+CREATE INDEX training_caption ON training_images(caption);
+CREATE INDEX training_unchecked ON training_images(id) WHERE duplicates_checked = 0
+"""),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# Entries per folder that the workspace layout aims at: prompts are grouped by a thousand, and a
+# prompt's images by a thousand seeds (generated) or a thousand in order of import (imported).
+FILES_PER_FOLDER = 1000
+
+
+def generation_folder(prompt_id: int, kind: str, key: int) -> str:
+    """The folder (relative to WS) of a prompt's image: ``kind`` 's' with ``key`` its seed for a
+    generated image, 'i' with ``key`` the count of the prompt's images imported before it for an
+    imported one. Each level holds at most ``FILES_PER_FOLDER`` entries when seeds are consecutive."""
+    if kind not in ("s", "i"):
+        raise ValueError(f"kind must be 's' (seed) or 'i' (import order), got {kind!r}")
+    return f"generations/p{int(prompt_id) // FILES_PER_FOLDER}/{int(prompt_id)}/{kind}{int(key) // FILES_PER_FOLDER}"
+
+
+def prompt_folder(prompt_id: int) -> str:
+    """The folder (relative to WS) holding every image of a prompt written under this layout."""
+    return f"generations/p{int(prompt_id) // FILES_PER_FOLDER}/{int(prompt_id)}"
 
 
 def now() -> str:
@@ -378,7 +410,8 @@ class Workspace:
             q = lambda sql: con.execute(sql).fetchone()[0]  # noqa: E731
             return {
                 "models": q("SELECT COUNT(*) FROM models"),
-                "prompts": q("SELECT COUNT(DISTINCT prompt_id) FROM generations"),
+                # a probe per prompt, not a pass over every generation
+                "prompts": q("SELECT COUNT(*) FROM prompts p WHERE EXISTS (SELECT 1 FROM generations g WHERE g.prompt_id = p.id)"),
                 "generations": q("SELECT COUNT(*) FROM generations"),
                 "training_images": q("SELECT COUNT(*) FROM training_images"),
                 "audit_runs": q("SELECT COUNT(*) FROM audit_runs WHERE status = 'done'"),

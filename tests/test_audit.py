@@ -134,7 +134,7 @@ def test_runs_cached_before_the_grid_slider_still_load(planted):
     c = dict(np.load(d / "curves.npz"))
     g = c.pop("grids").tolist().index(4)
     np.savez(d / "curves.npz", **{k: (v[g] if k in ("size", "medoid", "mean") else v) for k, v in c.items()})
-    for f in d.glob("*-g*.npy"):
+    for f in d.rglob("*-g*.npy"):
         f.unlink()
     old, new = rethreshold.RunCache(ws, run), rethreshold.RunCache(ws, run_id)
     assert old.grids == [4]

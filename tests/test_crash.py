@@ -248,7 +248,7 @@ def copy_ws(src: Path, dst: Path) -> Path:
 
 def cached_prompts(ws: Path) -> int:
     """Prompts whose distances the running audit has cached (at the run's grid: one file each)."""
-    return len([p for p in (ws / "cache").glob("run-*/prompt-*.npy") if "-g" not in p.name])
+    return len([p for p in (ws / "cache").glob("run-*/p*/prompt-*.npy") if "-g" not in p.name])
 
 
 def curve_workers_alive() -> set[int]:

@@ -53,7 +53,7 @@ def test_text2image_rows_have_one_seed_each_and_full_provenance(ws, tiny_text2im
     for r in got:
         data = ws.resolve(r["path"]).read_bytes()
         sha = hashlib.sha256(data).hexdigest()
-        assert r["path"] == f"generations/{r['prompt_id']}/{r['seed']}-{sha[:12]}.png" and r["sha256"] == sha
+        assert r["path"] == f"generations/p0/{r['prompt_id']}/s0/{r['seed']}-{sha[:12]}.png" and r["sha256"] == sha
         assert (r["width"], r["height"], r["steps"], r["guidance"], r["source"]) == (16, 16, 2, 7.5, "generate")
         p = json.loads(r["params"])
         assert p["prompt"] == r["prompt"] and p["seed"] == r["seed"] and p["base_seed"] == 10

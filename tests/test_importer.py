@@ -103,7 +103,7 @@ def test_good_images_are_copied_and_every_bad_row_listed(ws, folder, tmp_path):
         copy = ws.resolve(r["path"])
         assert copy.read_bytes() == original.read_bytes()
         assert r["sha256"] == hashlib.sha256(copy.read_bytes()).hexdigest()
-        assert r["path"].startswith(f"generations/{r['prompt_id']}/import-") and copy.suffix == original.suffix
+        assert r["path"].startswith(f"generations/p0/{r['prompt_id']}/i0/import-") and copy.suffix == original.suffix
         assert json.loads(r["params"])["manifest"] == str(manifest.resolve())
 
 

@@ -49,7 +49,7 @@ def mixed_workspace(root):
 
 def cache_arrays(ws, run_id):
     d = runs.cache_dir(ws, run_id)
-    return {p.name: np.load(p) for p in sorted(d.glob("*.npy"))}
+    return {p.name: np.load(p) for p in sorted(d.rglob("*.npy"))}  # prompts' matrices in p<id // 1000>/
 
 
 def stored(ws, run_id):

@@ -51,18 +51,14 @@ if not reviewer:
 
 unlabelled_only = scope != "all candidates"
 try:
-    queue = labels.review_queue(ws, run, reviewer, unlabeled_only=unlabelled_only)
+    state = labels.review_state(ws, run, reviewer, unlabeled_only=unlabelled_only, flagged_only=flagged_only)
 except MemauditError as e:
     st.error(str(e))
     st.stop()
-if flagged_only:
-    queue = [c for c in queue if c.flagged]
-all_cands = results.candidates(ws, run)
-current = labels.current_labels(ws)
-mine = sum(1 for c in all_cands if reviewer in current.get((c.medoid_generation_id, c.nearest_training_id), {}))
+queue, current, mine = state.queue, state.labels, state.labelled_by_reviewer
 my_events = sum(1 for e in labels.label_events(ws) if e.reviewer == reviewer)
 
-st.progress(mine / max(1, len(all_cands)), text=f"{mine} of {len(all_cands)} candidates labelled by {reviewer}")
+st.progress(mine / max(1, state.candidates), text=f"{mine} of {state.candidates} candidates labelled by {reviewer}")
 
 POS = f"review_pos_{run}"
 if (goto := st.session_state.pop("review_goto", None)) is not None:
