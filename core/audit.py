@@ -296,9 +296,10 @@ class AuditContext:
         p = self.params
         k = self.k_relative if unconditional else 1
         show = max(self.k_show, self.k_relative) if unconditional else self.k_show
-        if levels is None and self.pyramid.exhaustive(show, p.nearest_budget):
+        exhaustive = self.pyramid.exhaustive(show, p.nearest_budget)
+        if exhaustive and levels is None:
             levels = _levels(images, self.grids, self.device)
-        if levels is not None and self.pyramid.exhaustive(show, p.nearest_budget):
+        if exhaustive and levels is not None:
             near = exact_nearest(levels, images, self.pyramid, k, show=show, grids=tuple(self.grids))
             clock = _lap(self.timings, "nearest", clock)
             sim = self.similarity(images, near.ids, near.pooled)
