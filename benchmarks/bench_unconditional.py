@@ -13,7 +13,7 @@ the ratio of seconds per generation (1.0 = time linear in the generations) and o
     python -m benchmarks.bench_unconditional [--smoke] [--generations 100000,1000000] [--training 50000]
         [--keep DIR]
 
-``--smoke``: 1,000 and 3,000 generations against 400 training images.
+``--smoke``: 400 and 1,200 generations against 200 training images.
 """
 
 from __future__ import annotations
@@ -163,8 +163,8 @@ def run_one(root: Path, generations: int, training: int) -> dict:
 
 def main(smoke: bool = False, sizes: tuple[int, ...] | None = None, training: int | None = None,
          keep: str | None = None) -> dict:
-    sizes = sizes or ((1_000, 3_000) if smoke else (100_000, 1_000_000))
-    training = training or (400 if smoke else 50_000)
+    sizes = sizes or ((400, 1_200) if smoke else (100_000, 1_000_000))
+    training = training or (200 if smoke else 50_000)
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="memaudit-uncond-"))
     root.mkdir(parents=True, exist_ok=True)
     rows = []
