@@ -278,7 +278,6 @@ class AuditContext:
         # unconditional generations averages over the relative_n nearest, all certified
         self.k_show = min(len(training), params.neighbours)
         self.k_relative = min(len(training), params.relative_n)
-        self.keep = self.k_show
         self.taus = run_taus(params)
         self.t_run = int(np.searchsorted(self.taus, params.edge_threshold))
 
@@ -312,7 +311,7 @@ class AuditContext:
             tiled = _tiled_to_training(floats, near.ids, self.pyramid, self.grids, self.device)
         n_rel = min(p.relative_n, near.l2.shape[1])
         rel = relative_l2(near.l2[:, 0], near.l2[:, :n_rel], p.relative_alpha).numpy() if len(images) else np.zeros(0, np.float32)
-        k = self.keep
+        k = self.k_show
         rows = Rows(np.asarray(gen_ids, np.int64), near.ids[:, :k], near.l2[:, :k], sim[:, :k], rel, near.certified,
                     near.lower, near.exact_count, {g: t[:, :k] for g, t in tiled.items()})
         _lap(self.timings, "exact_neighbours", clock)
@@ -373,11 +372,11 @@ class RunArrays:
     """The run's per-generation cache arrays (gen_ids.npy, nn_*.npy in WS/cache/run-<id>/), written
     in place as units finish (memory-mapped .npy files), so no run holds them all in memory."""
 
-    NAMES = {"gen_ids": ((), np.int64), "ids": (("k",), np.int64), "l2": (("k",), np.float32),
-             "sim": (("k",), np.float32), "rel": ((), np.float32), "certified": ((), bool),
-             "lower": ((), np.float32), "exact": ((), np.int32)}
-    FILES = {"gen_ids": "gen_ids.npy", "ids": "nn_ids.npy", "l2": "nn_l2.npy", "sim": "nn_sim.npy", "rel": "nn_rel.npy",
-             "certified": "nn_certified.npy", "lower": "nn_lower.npy", "exact": "nn_exact.npy"}
+    # Rows field -> (file, dtype, one value per shown neighbour rather than one per generation)
+    COLUMNS = {"gen_ids": ("gen_ids.npy", np.int64, False), "ids": ("nn_ids.npy", np.int64, True),
+               "l2": ("nn_l2.npy", np.float32, True), "sim": ("nn_sim.npy", np.float32, True),
+               "rel": ("nn_rel.npy", np.float32, False), "certified": ("nn_certified.npy", bool, False),
+               "lower": ("nn_lower.npy", np.float32, False), "exact": ("nn_exact.npy", np.int32, False)}
 
     def __init__(self, cache: Path, n: int, keep: int, grids: list[int], run_grid: int):
         def make(name: str, shape: tuple, dtype) -> np.ndarray:
@@ -386,25 +385,19 @@ class RunArrays:
                 return np.zeros(shape, dtype)
             return np.lib.format.open_memmap(cache / name, mode="w+", dtype=dtype, shape=shape)
 
-        self.arrays = {key: make(self.FILES[key], (n, keep) if extra else (n,), dtype)
-                       for key, (extra, dtype) in self.NAMES.items()}
+        for key, (name, dtype, wide) in self.COLUMNS.items():
+            setattr(self, key, make(name, (n, keep) if wide else (n,), dtype))
         self.tiled = {g: make(tiled_file(g, run_grid), (n, keep), np.float32) for g in grids}
-
-    def __getattr__(self, name: str) -> np.ndarray:
-        try:
-            return self.__dict__["arrays"][name]
-        except KeyError:
-            raise AttributeError(name) from None
 
     def put(self, base: int, rows: Rows) -> None:
         end = base + len(rows.gen_ids)
-        for key in self.NAMES:
-            self.arrays[key][base:end] = getattr(rows, key)
+        for key in self.COLUMNS:
+            getattr(self, key)[base:end] = getattr(rows, key)
         for g, a in self.tiled.items():
             a[base:end] = rows.tiled[g]
 
     def flush(self) -> None:
-        for a in [*self.arrays.values(), *self.tiled.values()]:
+        for a in [*(getattr(self, key) for key in self.COLUMNS), *self.tiled.values()]:
             if isinstance(a, np.memmap):
                 a.flush()
 
@@ -451,7 +444,7 @@ def run_audit(ws: Workspace, params: AuditParams | None = None, progress: Progre
                                              sizes[len(sizes) // 2] if sizes else 0)
     curves = Curves((len(ctx.grids), len(prompts), len(ctx.taus)), workers, ctx.budget, ctx.taus)
     try:
-        arrays = RunArrays(cache, total, ctx.keep, ctx.grids, params.grid)
+        arrays = RunArrays(cache, total, ctx.k_show, ctx.grids, params.grid)
         groups: dict[int, list] = {}
         done = 0
 

@@ -11,7 +11,7 @@ import numpy as np
 from .errors import InputError, MemauditError
 from .records import Generation
 from .results import NeighbourView, PromptRow, get_generations, get_training
-from .runs import distance_file, legacy_distance_file, require_run, run_params, tiled_file
+from .runs import cache_dir, distance_file, legacy_distance_file, require_run, run_params, tiled_file
 from .store import Workspace
 
 
@@ -49,7 +49,7 @@ class RunCache:
     def __init__(self, ws: Workspace, run_id: int):
         self.ws, self.run_id = ws, run_id
         self.params = run_params(ws, run_id)
-        d = ws.root / "cache" / f"run-{run_id}"
+        d = cache_dir(ws, run_id)
         if not (d / "curves.npz").is_file():
             raise MemauditError(f"the cache of audit run {run_id} is missing (WS/cache is derived data); run `memaudit audit {ws.root}` again")
         self.dir = d
@@ -75,15 +75,15 @@ class RunCache:
         with ws.connect() as con:  # the run's prompts and the generations it audited (not a pass over every generation)
             rows = con.execute("SELECT r.prompt_id AS id, p.text, r.generations AS n FROM prompt_results r "
                                "JOIN prompts p ON p.id = r.prompt_id WHERE r.run_id = ?", (run_id,)).fetchall()
+            # the run's own clique groups (at its tau and grid): a recount there counts any group, as the run does
+            groups = con.execute("SELECT prompt_id, clique_size, l2, nearest_certified, nearest_lower FROM candidates "
+                                 "WHERE run_id = ? ORDER BY prompt_id, group_rank", (run_id,)).fetchall()
         self.prompt_text = {r["id"]: (r["text"] or None) for r in rows}
         self.prompt_count = {r["id"]: r["n"] for r in rows}
-        # the run's own clique groups (at its tau and grid): a recount there counts any group, as the run does
         self.run_groups: dict[int, list[tuple[int, float, bool, float]]] = {}
-        with ws.connect() as con:
-            for r in con.execute("SELECT prompt_id, clique_size, l2, nearest_certified, nearest_lower FROM candidates "
-                                 "WHERE run_id = ? ORDER BY prompt_id, group_rank", (run_id,)):
-                self.run_groups.setdefault(r[0], []).append(
-                    (r[1], r[2] if r[2] is not None else np.inf, bool(r[3]), r[4] if r[4] is not None else 0.0))
+        for r in groups:
+            self.run_groups.setdefault(r[0], []).append(
+                (r[1], r[2] if r[2] is not None else np.inf, bool(r[3]), r[4] if r[4] is not None else 0.0))
 
     @cached_property
     def _id_order(self) -> tuple[np.ndarray, np.ndarray]:

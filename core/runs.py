@@ -78,7 +78,7 @@ def remove_abandoned_runs(ws: Workspace) -> list[int]:
         running = [r[0] for r in con.execute("SELECT id FROM audit_runs WHERE status = 'running'")]
     removed = []
     for run_id in running:
-        cache = ws.root / "cache" / f"run-{run_id}"
+        cache = cache_dir(ws, run_id)
         try:
             lock = open(cache / RUN_LOCK, "a")
         except FileNotFoundError:  # its cache folder is gone: no process can be holding its lock
