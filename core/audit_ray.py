@@ -111,7 +111,7 @@ class RayRunner:
         while pending:
             (ready,), _ = ray.wait(list(pending), num_returns=1)
             unit, actor = pending.pop(ready)
-            take(unit, _get(ray, ready))
+            take(unit, cluster.get(ready, MAX_RESTARTS, "nothing of the run is kept: run the same command again"))
             if more:
                 more = hand_out(actor)
 
@@ -119,13 +119,3 @@ class RayRunner:
         for a in self.actors:
             self.ray.kill(a)
         self.actors = []
-
-
-def _get(ray: Any, ref: Any) -> Any:
-    try:
-        return ray.get(ref)
-    except Exception as e:  # noqa: BLE001 - the user's errors in one line, bugs with the worker's traceback
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, InputError):
-            raise cause from None
-        raise

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from typing import Any, Iterator
 
-from .errors import InputError
+from .errors import InputError, MemauditError
 
 INSTALL = "pip install 'memaudit[ray]'"
 CONNECT_TIMEOUT_S = 5.0
@@ -195,3 +195,26 @@ def shutdown() -> None:
         ray.shutdown()
     while _made:
         shutil.rmtree(_made.pop(), ignore_errors=True)
+
+
+def explain(e: BaseException, restarts: int, after: str) -> BaseException:
+    """A worker's error as the driver raises it: the user's error in one line; a worker that died
+    more than ``restarts`` times said so, followed by ``after`` (what is kept, what to do); bugs unchanged."""
+    import ray.exceptions as rx
+
+    if isinstance(e, rx.RayTaskError) and isinstance(getattr(e, "cause", None), MemauditError):
+        return e.cause
+    if isinstance(e, rx.RayActorError):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return MemauditError(f"a Ray worker died {restarts + 1} times ({first[:200]}); {after}")
+    return e
+
+
+def get(refs: Any, restarts: int, after: str) -> Any:
+    """``ray.get(refs)``, raising a worker's error as ``explain`` says."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except Exception as e:  # noqa: BLE001 - every error is re-raised, the user's ones in one line
+        raise explain(e, restarts, after) from None

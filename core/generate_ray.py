@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import cluster, tempfiles
-from .errors import InputError, MemauditError, ModelError
+from .errors import InputError, ModelError
 from .generate import (GenerateReport, LoadedPipeline, Unit, check_settings, conditioning, free_path, insert_rows,
                        load_pipeline, plan, provenance, sample_batch, write_images)
 from .store import Workspace
@@ -148,24 +148,7 @@ def claim_path(ws: Workspace, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _explain(e: BaseException) -> BaseException:
-    """A worker's error as the driver raises it: the user's error in one line; a dead worker said so; bugs unchanged."""
-    import ray.exceptions as rx
-
-    if isinstance(e, rx.RayTaskError) and isinstance(getattr(e, "cause", None), MemauditError):
-        return e.cause
-    if isinstance(e, rx.RayActorError):
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return MemauditError(f"a Ray worker died {MAX_RESTARTS + 1} times ({first[:200]}); the finished batches are "
-                             "stored: run the same command again to resume")
-    return e
-
-
-def _get(ray: Any, refs: list) -> list:
-    try:
-        return ray.get(refs)
-    except Exception as e:  # noqa: BLE001 - every error is re-raised, the user's ones in one line
-        raise _explain(e) from None
+AFTER_DEATH = "the finished batches are stored: run the same command again to resume"
 
 
 def generate_on_ray(ws: Workspace, model_ref: str, prompts: Sequence[str] | None, per_prompt: int, *, steps: int,
@@ -196,7 +179,7 @@ def generate_on_ray(ws: Workspace, model_ref: str, prompts: Sequence[str] | None
     actor_class = ray.remote(GenerateWorker).options(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS, **resources)
     actors = [actor_class.remote(ref, device, str(ws.root), fault)]
     try:
-        described = _get(ray, [actors[0].describe.remote(prompts)])[0]
+        described = cluster.get([actors[0].describe.remote(prompts)], MAX_RESTARTS, AFTER_DEATH)[0]
         meta = described["loaded"]
         todo = plan(ws, meta, described["conditions"], per_prompt, steps=steps, guidance=guidance, seed=seed)
         batches = deque(todo.pending[i:i + batch_size] for i in range(0, len(todo.pending), batch_size))
@@ -240,7 +223,7 @@ def generate_on_ray(ws: Workspace, model_ref: str, prompts: Sequence[str] | None
         finally:
             bar.close()
         if failure is not None:
-            raise _explain(failure) from None
+            raise cluster.explain(failure, MAX_RESTARTS, AFTER_DEATH) from None
     finally:
         for a in actors:
             ray.kill(a)
